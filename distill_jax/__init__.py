@@ -1,0 +1,21 @@
+"""distill_jax: which teacher should a difficult student learn from?
+
+Knowledge distillation and attention-transfer losses, CIFAR networks (Wide ResNet,
+DenseNet-BC, DARTS), DARTS search, per-channel Fisher information and Fisher-guided
+growth of a student into its teacher, in JAX/Flax.
+
+Submodules are imported on first use, so ``import distill_jax.losses`` pulls in only
+JAX (no TensorFlow, no Flax training machinery).
+"""
+
+import importlib
+
+__version__ = '0.1.0'
+
+_SUBMODULES = ('losses', 'models', 'data', 'train', 'config_validation', 'checkpoint')
+
+
+def __getattr__(name):
+  if name in _SUBMODULES:
+    return importlib.import_module(f'distill_jax.{name}')
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
