@@ -1,0 +1,72 @@
+"""Building blocks shared by the CIFAR networks (:mod:`wrn`, :mod:`densenet`).
+
+Convolutions have no bias and use explicit PyTorch-style padding (k // 2 on each
+side), so strided layers sample the same pixels as the reference releases. Every
+layer computes in ``dtype`` and keeps float32 parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# He et al. (2015) normal initialisation over the fan-out, as in the DenseNet and
+# torchvision releases.
+conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+
+def conv(features: int, kernel: int, stride: int = 1, *, dtype: Dtype, name: str) -> nn.Conv:
+  """A bias-free ``kernel``x``kernel`` convolution padded by ``kernel // 2``."""
+  pad = kernel // 2
+  return nn.Conv(
+      features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+      use_bias=False, kernel_init=conv_init, dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+def batch_norm(train: bool, *, dtype: Dtype, name: str) -> nn.BatchNorm:
+  """Batch norm with PyTorch's defaults (momentum 0.1 there is 0.9 here, eps 1e-5).
+
+  Running statistics live in the ``'batch_stats'`` collection; ``train=True`` uses
+  batch statistics and updates them (apply with ``mutable=['batch_stats']``).
+  """
+  return nn.BatchNorm(
+      use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
+      param_dtype=jnp.float32, name=name)
+
+
+def global_avg_pool(x: jax.Array) -> jax.Array:
+  """(N, H, W, C) -> (N, C)."""
+  return jnp.mean(x, axis=(1, 2))
+
+
+def mark(module: nn.Module, name: str, x: jax.Array) -> jax.Array:
+  """Marks an activation for gradient and value read-out; returns ``x`` unchanged.
+
+  Adds ``module.perturb(name, x)`` (collection ``'perturbations'``: a zero variable
+  whose gradient is the gradient of ``x``) and sows the value under the same name in
+  ``'intermediates'``. Both are no-ops unless their collection is passed to / mutable
+  in ``apply``.
+  """
+  x = module.perturb(name, x)
+  module.sow('intermediates', name, x)
+  return x
+
+
+def check_depth(model: str, depth: int) -> None:
+  """Raises a one-line ValueError unless ``depth`` is 6n + 4 with n >= 1."""
+  if isinstance(depth, bool) or not isinstance(depth, int) or depth < 10 or (depth - 4) % 6:
+    raise ValueError(
+        f'model.depth={depth!r} is not allowed for {model}; depth must be 6n+4 with n >= 1 '
+        f'(10, 16, 22, 28, 40, 100, ...)')
+
+
+def check_range(model: str, field: str, value: Any, low: float, high: float,
+                allowed: str) -> None:
+  """Raises a one-line ValueError unless ``low <= value <= high``."""
+  if not low <= value <= high:
+    raise ValueError(f'model.{field}={value!r} is not allowed for {model}; {field} must be {allowed}')
