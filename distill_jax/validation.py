@@ -1,0 +1,82 @@
+"""Config checks that run before any compute: one clear line per problem."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from distill_jax import data as data_lib
+from distill_jax import models
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names field, value and what is allowed."""
+
+
+def _check(ok: bool, field: str, value, allowed: str) -> None:
+  if not ok:
+    raise ConfigError(f'config.{field}={value!r} is invalid: {allowed}')
+
+
+def check_choice(config: ml_collections.ConfigDict, field: str, choices) -> None:
+  value = _get(config, field)
+  _check(value in choices, field, value, 'allowed: ' + ', '.join(map(str, choices)))
+
+
+def check_positive(config: ml_collections.ConfigDict, field: str) -> None:
+  value = _get(config, field)
+  _check(isinstance(value, (int, float)) and value > 0, field, value, 'must be > 0')
+
+
+def check_non_negative(config: ml_collections.ConfigDict, field: str) -> None:
+  value = _get(config, field)
+  _check(isinstance(value, (int, float)) and value >= 0, field, value, 'must be >= 0')
+
+
+def _get(config, field: str):
+  for part in field.split('.'):
+    config = config[part]
+  return config
+
+
+def check_model(model_config: ml_collections.ConfigDict, field: str = 'model') -> None:
+  """The model's name is registered and its fields are the network's own."""
+  cfg = dict(model_config)
+  name = cfg.pop('name', None)
+  if name not in models.model_names():
+    raise ConfigError(f'config.{field}.name={name!r} is not a known network; '
+                      f'known: {", ".join(models.model_names())}')
+  try:
+    models.create_model(name, **cfg)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f'config.{field}: {e}') from None
+
+
+def validate_train_config(config: ml_collections.ConfigDict) -> None:
+  """Raises :class:`ConfigError` for the first impossible value of a training config."""
+  check_choice(config, 'data.name', sorted(data_lib.NUM_CLASSES))
+  check_model(config.model)
+  classes = data_lib.NUM_CLASSES[config.data.name]
+  _check(config.model.get('num_classes') == classes, 'model.num_classes',
+         config.model.get('num_classes'), f'dataset {config.data.name!r} has {classes} classes')
+  _check(0.0 <= config.data.validation_fraction < 1.0, 'data.validation_fraction',
+         config.data.validation_fraction, 'must be in [0, 1)')
+  check_choice(config, 'data.pad_mode', ('constant', 'reflect'))
+  check_non_negative(config, 'data.crop_padding')
+  check_non_negative(config, 'data.cutout')
+  for field in ('num_epochs', 'batch_size', 'eval_batch_size', 'optimizer.learning_rate',
+                'log_every_steps', 'keep_checkpoints'):
+    check_positive(config, field)
+  for field in ('optimizer.weight_decay', 'optimizer.momentum', 'optimizer.grad_clip_norm',
+                'optimizer.final_learning_rate', 'eval_every_steps', 'checkpoint_every_steps',
+                'num_devices'):
+    check_non_negative(config, field)
+  check_choice(config, 'optimizer.schedule', ('constant', 'cosine', 'multistep'))
+  if config.optimizer.schedule == 'multistep':
+    _check(all(int(m) > 0 for m in config.optimizer.milestones), 'optimizer.milestones',
+           config.optimizer.milestones, 'epochs must be > 0')
+    check_positive(config, 'optimizer.decay_factor')
+
+
+def check_batch_divides(batch_size: int, num_devices: int, field: str = 'batch_size') -> None:
+  _check(batch_size % num_devices == 0, field, batch_size,
+         f'a global batch must divide over the {num_devices} devices; use a multiple of {num_devices}')
