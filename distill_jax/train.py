@@ -131,17 +131,18 @@ def evaluate_split(run: Run, state: steps_lib.TrainState, split: str = 'test') -
 
 
 def _check_finite(pending: list[tuple[int, dict]], last_good: int) -> None:
-  """Raises if any pending step's loss is not finite, naming the step range."""
+  """Raises if a pending step's loss or updated parameters are not finite, naming the steps."""
   if not pending:
     return
-  values = jax.device_get([m['loss'] for _, m in pending])
-  for (step, _), value in zip(pending, values):
-    if not math.isfinite(float(value)):
+  values = jax.device_get([(m['loss'], m['param_norm']) for _, m in pending])
+  for (step, _), (loss, param_norm) in zip(pending, values):
+    if not (math.isfinite(float(loss)) and math.isfinite(float(param_norm))):
+      what = f'loss is {float(loss)}' if not math.isfinite(float(loss)) else (
+          f'parameter norm is {float(param_norm)}')
       raise NonFiniteLossError(
-          f'loss is {float(value)} at step {step} (steps {pending[0][0]}-{pending[-1][0]} '
-          f'checked; last finite checkpointable state: step {last_good}); lower '
-          'optimizer.learning_rate or check the data. No checkpoint of the diverged state '
-          'was written.')
+          f'{what} at step {step} (steps {pending[0][0]}-{pending[-1][0]} checked; last '
+          f'checkpointable state: step {last_good}); lower optimizer.learning_rate or check '
+          'the data. No checkpoint of the diverged state was written.')
 
 
 def _mean_metrics(pending: list[tuple[int, dict]]) -> dict[str, float]:
@@ -197,40 +198,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   last_saved = first_step
   train_seconds = 0.0
   final = None
-  for step in range(first_step + 1, run.num_train_steps + 1):
-    t0 = time.time()
-    idx = data_lib.train_indices(config.seed, step - 1, num_examples=run.data.num_examples('train'),
-                                 batch_size=config.batch_size)
-    state, metrics = run.train_step(state, run.data.batch('train', idx), teacher_variables)
-    # Keep at most one step in flight: bounded memory, and no collective rendezvous
-    # timeouts with many fake CPU devices.
-    if pending:
-      jax.block_until_ready(pending[-1][1]['loss'])
-    pending.append((step, metrics))
-    train_seconds += time.time() - t0
-    progress(step)
+  try:
+    for step in range(first_step + 1, run.num_train_steps + 1):
+      t0 = time.time()
+      idx = data_lib.train_indices(config.seed, step - 1, num_examples=run.data.num_examples('train'),
+                                   batch_size=config.batch_size)
+      state, metrics = run.train_step(state, run.data.batch('train', idx), teacher_variables)
+      # Keep at most one step in flight: bounded memory, and no collective rendezvous
+      # timeouts with many fake CPU devices.
+      if pending:
+        jax.block_until_ready(pending[-1][1]['loss'])
+      pending.append((step, metrics))
+      train_seconds += time.time() - t0
+      progress(step)
 
-    is_last = step == run.num_train_steps
-    save_now = is_last or (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0)
-    if step % config.log_every_steps == 0 or is_last or save_now:
-      _check_finite(pending, last_saved)
-      if step % config.log_every_steps == 0 or is_last:
-        values = {f'train_{k}': v for k, v in _mean_metrics(pending).items()}
-        values['epoch'] = step / run.steps_per_epoch
+      is_last = step == run.num_train_steps
+      save_now = is_last or (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0)
+      if step % config.log_every_steps == 0 or is_last or save_now:
+        _check_finite(pending, last_saved)
+        if step % config.log_every_steps == 0 or is_last:
+          values = {f'train_{k}': v for k, v in _mean_metrics(pending).items()}
+          values['epoch'] = step / run.steps_per_epoch
+          writer.write_scalars(step, values)
+          jsonl.write(step, values)
+          pending.clear()
+      if step % eval_every == 0 or is_last:
+        values = evaluate_split(run, state, 'test')
+        if run.data.num_examples('val'):
+          values.update(evaluate_split(run, state, 'val'))
         writer.write_scalars(step, values)
         jsonl.write(step, values)
-        pending.clear()
-    if step % eval_every == 0 or is_last:
-      values = evaluate_split(run, state, 'test')
-      if run.data.num_examples('val'):
-        values.update(evaluate_split(run, state, 'val'))
-      writer.write_scalars(step, values)
-      jsonl.write(step, values)
-      final = values if is_last else None
-    if save_now:
-      manager.save(step, args=ckpt_lib.ocp.args.StandardSave(state))
-      last_saved = step
-  manager.wait_until_finished()
+        final = values if is_last else None
+      if save_now:
+        manager.save(step, args=ckpt_lib.ocp.args.StandardSave(state))
+        last_saved = step
+  finally:  # a failed run still completes the (finite) saves it began
+    manager.wait_until_finished()
   writer.flush()
 
   if final is None:  # nothing left to train: the workdir already held the last step

@@ -23,3 +23,37 @@ jax.config.update('jax_disable_most_optimizations', True)
 @pytest.fixture
 def rng():
   return jax.random.key(0)
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name: str, arg: str = ''):
+  """``configs/NAME.py``'s ``get_config(arg)``, unlocked so tests can shrink it."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(f'configs_{name}', os.path.join(REPO, 'configs', f'{name}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg)
+  config.unlock()
+  return config
+
+
+def tiny_train_config(**overrides):
+  """A WRN-10-1 on digits: a few seconds of compile and steps."""
+  c = load_config('train', 'demo')
+  c.model.depth = 10
+  c.model.widen_factor = 1
+  c.num_epochs = 2
+  c.batch_size = 32
+  c.eval_batch_size = 120
+  c.log_every_steps = 10
+  c.checkpoint_every_steps = 20
+  c.num_devices = 1
+  for key, value in overrides.items():
+    target = c
+    *parents, leaf = key.split('.')
+    for p in parents:
+      target = target[p]
+    target[leaf] = value
+  return c

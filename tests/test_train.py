@@ -1,0 +1,187 @@
+"""The trainer end to end on digits: learning, sharding, kill-and-resume, NaNs, bad configs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from conftest import CACHE_DIR, REPO, tiny_train_config
+from distill_jax import checkpoint as ckpt_lib
+from distill_jax import models
+from distill_jax import train as train_lib
+from distill_jax import validation
+
+
+def restore_params(workdir):
+  with ocp.CheckpointManager(ckpt_lib.checkpoint_dir(workdir)) as manager:
+    restored = manager.restore(manager.latest_step())
+  return restored['params'], restored['batch_stats'], int(restored['step'])
+
+
+def run_main(args, **kwargs):
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=CACHE_DIR, JAX_DISABLE_MOST_OPTIMIZATIONS='1',
+             TF_CPP_MIN_LOG_LEVEL='3')
+  return subprocess.Popen([sys.executable, '-m', 'distill_jax.main', *args], cwd=REPO, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def overrides(config):
+  """``--config.a.b=v`` flags that turn configs/train.py:demo into ``config``."""
+  flat = train_lib._flatten(config.to_dict())  # pylint: disable=protected-access
+  return [f'--config.{k}={v}' for k, v in flat.items()
+          if k not in ('optimizer.milestones',) and v != '']
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  """One uninterrupted tiny run shared by several tests."""
+  workdir = str(tmp_path_factory.mktemp('uninterrupted'))
+  config = tiny_train_config()
+  results = train_lib.train_and_evaluate(config, workdir)
+  return config, workdir, results
+
+
+def test_short_run_learns_digits_and_writes_results(trained):
+  config, workdir, results = trained
+  # Chance is 90% error; two epochs of a WRN-10-1 get far below it.
+  assert results['test_top1_error'] < 0.25
+  assert 0.0 <= results['test_top5_error'] <= results['test_top1_error']
+  on_disk = json.load(open(os.path.join(workdir, 'results.json')))
+  assert on_disk['test_top1_error'] == results['test_top1_error']
+  expected_params = models.count_params(models.param_shapes(
+      models.create_model(**config.model), (1, 8, 8, 1))['params'])
+  assert on_disk['num_params'] == expected_params
+  assert on_disk['config']['model']['name'] == 'wrn' and 'jax' in on_disk['versions']
+  rows = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+  train_rows = [r for r in rows if 'train_loss' in r]
+  assert {'train_grad_norm', 'train_param_norm', 'train_learning_rate',
+          'train_top1_error', 'train_top5_error'} <= set(train_rows[0])
+  assert train_rows[-1]['train_loss'] < train_rows[0]['train_loss']
+  assert any(f.startswith('events.out.tfevents') for f in os.listdir(workdir))
+  # keep_checkpoints=3 of 20, 40, 60, 80, 88.
+  assert sorted(int(s) for s in os.listdir(ckpt_lib.checkpoint_dir(workdir))) == [60, 80, 88]
+
+
+def test_evaluate_scores_the_latest_checkpoint(trained):
+  config, workdir, results = trained
+  scores = train_lib.evaluate(config, workdir)
+  assert scores['step'] == 88
+  assert scores['test_top1_error'] == pytest.approx(results['test_top1_error'], abs=1e-9)
+
+
+def test_finished_workdir_trains_nothing_new(trained):
+  config, workdir, results = trained
+  params_before, _, _ = restore_params(workdir)
+  again = train_lib.train_and_evaluate(config, workdir)
+  assert again['resumed_from_step'] == 88
+  assert again['test_top1_error'] == results['test_top1_error']
+  params_after, _, step = restore_params(workdir)
+  assert step == 88
+  jax.tree.map(np.testing.assert_array_equal, params_before, params_after)
+
+
+def test_sigkill_and_restart_ends_exactly_like_uninterrupted(trained, tmp_path):
+  config, uninterrupted, results = trained
+  workdir = str(tmp_path / 'killed')
+  args = ['--config=configs/train.py:demo', f'--workdir={workdir}', *overrides(config)]
+  proc = run_main(args)
+  first = os.path.join(ckpt_lib.checkpoint_dir(workdir), '20')
+  deadline = time.time() + 240
+  while not os.path.isdir(first) and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  _, err = proc.communicate()
+  assert proc.returncode == -signal.SIGKILL, err[-2000:]
+  killed_at = ckpt_lib.latest_step(workdir)
+  assert killed_at is not None and killed_at < 88
+
+  resumed = train_lib.train_and_evaluate(config, workdir)
+  assert resumed['resumed_from_step'] == killed_at
+  assert resumed['test_top1_error'] == results['test_top1_error']
+  assert resumed['test_loss'] == results['test_loss']
+  a, a_stats, _ = restore_params(uninterrupted)
+  b, b_stats, _ = restore_params(workdir)
+  jax.tree.map(np.testing.assert_array_equal, (a, a_stats), (b, b_stats))
+
+
+def test_eight_devices_match_one(tmp_path):
+  results, params = {}, {}
+  for n in (1, 8):
+    config = tiny_train_config(num_devices=n, num_epochs=1, batch_size=64, eval_batch_size=120,
+                               checkpoint_every_steps=0)
+    workdir = str(tmp_path / f'devices{n}')
+    results[n] = train_lib.train_and_evaluate(config, workdir)
+    params[n] = restore_params(workdir)[:2]
+  assert results[8]['num_devices'] == 8
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-4),
+               params[1], params[8])
+  assert results[8]['test_top1_error'] == pytest.approx(results[1]['test_top1_error'], abs=2 / 360)
+
+
+def test_non_finite_loss_stops_with_step_range_and_no_bad_checkpoint(tmp_path):
+  config = tiny_train_config(checkpoint_every_steps=2, log_every_steps=2)
+  config.optimizer.learning_rate = 300.0  # diverges after a few steps
+  config.optimizer.schedule = 'constant'
+  workdir = str(tmp_path / 'nan')
+  with pytest.raises(train_lib.NonFiniteLossError, match=r'at step \d+ \(steps \d+-\d+ checked'):
+    train_lib.train_and_evaluate(config, workdir)
+  assert not any('tmp' in name for name in os.listdir(ckpt_lib.checkpoint_dir(workdir)))
+  with ocp.CheckpointManager(ckpt_lib.checkpoint_dir(workdir)) as manager:
+    assert manager.all_steps()
+    for step in manager.all_steps():
+      state = manager.restore(step)
+      assert all(np.isfinite(x).all() for x in jax.tree.leaves(state['params']))
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('optimizer.learning_rate', 0.0, 'config.optimizer.learning_rate=0.0 is invalid: must be > 0'),
+    ('optimizer.learning_rate', -0.1, 'must be > 0'),
+    ('batch_size', 0, 'config.batch_size=0 is invalid: must be > 0'),
+    ('optimizer.weight_decay', -1e-4, 'config.optimizer.weight_decay=-0.0001 is invalid: must be >= 0'),
+    ('optimizer.schedule', 'linear', 'allowed: constant, cosine, multistep'),
+    ('model.name', 'resnet', "config.model.name='resnet' is not a known network; known: darts, densenet_bc, wrn"),
+    ('model.depth', 15, 'model.depth=15'),
+    ('data.name', 'mnist', 'allowed: cifar10, cifar100, digits'),
+    ('model.num_classes', 100, "dataset 'digits' has 10 classes"),
+    ('data.validation_fraction', 1.0, 'must be in [0, 1)'),
+])
+def test_bad_values_fail_with_one_line(field, value, message):
+  config = tiny_train_config(**{field: value})
+  with pytest.raises(validation.ConfigError) as e:
+    validation.validate_train_config(config)
+  assert message in str(e.value) and '\n' not in str(e.value)
+
+
+def test_unknown_model_field_is_named():
+  config = tiny_train_config()
+  config.model.widen = 3
+  with pytest.raises(validation.ConfigError, match='widen'):
+    validation.validate_train_config(config)
+
+
+def test_batch_that_does_not_divide_over_devices(tmp_path):
+  config = tiny_train_config(num_devices=8, batch_size=36)
+  with pytest.raises(validation.ConfigError, match='batch_size=36 .* multiple of 8'):
+    train_lib.train_and_evaluate(config, str(tmp_path))
+  assert not os.path.exists(ckpt_lib.checkpoint_dir(str(tmp_path)))
+
+
+def test_main_exits_with_one_line_before_compute(tmp_path):
+  bad_value = run_main(['--config=configs/train.py:demo', f'--workdir={tmp_path}/a',
+                        '--config.optimizer.learning_rate=-1'])
+  unknown_key = run_main(['--config=configs/train.py:demo', f'--workdir={tmp_path}/b',
+                          '--config.optimizer.learning_rat=0.1'])
+  _, err = bad_value.communicate(timeout=120)
+  assert bad_value.returncode != 0
+  assert err.strip().splitlines()[-1] == (
+      'error: config.optimizer.learning_rate=-1.0 is invalid: must be > 0')
+  _, err = unknown_key.communicate(timeout=120)
+  assert unknown_key.returncode != 0 and 'learning_rat' in err
+  assert not os.path.exists(tmp_path / 'a' / 'checkpoints')
