@@ -1,7 +1,8 @@
-"""What ``python -m distill_jax.main`` runs: the config's ``job`` picks one of these."""
+"""What ``python -m distill_jax.main`` runs: the config's ``job`` picks one of :data:`JOBS`."""
 
 from __future__ import annotations
 
+import copy
 import os
 
 from absl import logging
@@ -9,12 +10,13 @@ import jax
 import ml_collections
 
 from distill_jax import data as data_lib
+from distill_jax import teacher as teacher_lib
 from distill_jax import train as train_lib
 from distill_jax import validation
 
-JOBS = ('train',)
 USER_ERRORS = (validation.ConfigError, data_lib.DatasetNotFoundError, train_lib.NonFiniteLossError,
-               FileNotFoundError)
+               teacher_lib.TeacherError, FileNotFoundError)
+TEACHER_SUBDIR = 'teacher'
 
 
 class _DropLibraryChatter:
@@ -45,11 +47,48 @@ def setup_jax() -> None:
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, *, mode: str = 'train') -> None:
+def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config that trains ``config``'s teacher: same data and recipe, the teacher's model."""
+  c = copy.deepcopy(config)
+  with c.unlocked():
+    c.job = 'train'
+    c.model = copy.deepcopy(config.distill.teacher_model)
+    del c['distill']
+  return c
+
+
+def distill(config: ml_collections.ConfigDict, workdir: str, *, mode: str = 'train') -> dict:
+  """Trains the student in ``workdir`` against a frozen teacher (``config.distill``).
+
+  The teacher comes from ``distill.teacher_workdir``; when that is empty it is first
+  trained (or resumed, or found finished) in ``WORKDIR/teacher`` with the same recipe.
+  """
+  validation.validate_distill_config(config)
+  teacher = None
+  if config.distill.method != 'none':
+    teacher_dir = config.distill.teacher_workdir
+    if not teacher_dir:
+      teacher_dir = os.path.join(workdir, TEACHER_SUBDIR)
+      train_lib.train_and_evaluate(teacher_config(config), teacher_dir)
+    shape = (1, *data_lib.IMAGE_SHAPES[config.data.name])
+    teacher = teacher_lib.load_teacher(config.distill.teacher_model, teacher_dir, shape)
+    logging.info('Teacher %s loaded from %s.', config.distill.teacher_model.name, teacher.source)
+  if mode == 'evaluate':
+    return train_lib.evaluate(config, workdir, teacher=teacher)
+  return train_lib.train_and_evaluate(config, workdir, teacher=teacher)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, mode: str = 'train') -> dict:
+  if mode == 'evaluate':
+    return train_lib.evaluate(config, workdir)
+  return train_lib.train_and_evaluate(config, workdir)
+
+
+JOBS = {'train': train, 'distill': distill}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, mode: str = 'train') -> dict:
   job = config.get('job', 'train')
   if job not in JOBS:
     raise validation.ConfigError(f'config.job={job!r} is invalid: allowed: {", ".join(JOBS)}')
-  if mode == 'evaluate':
-    train_lib.evaluate(config, workdir)
-  else:
-    train_lib.train_and_evaluate(config, workdir)
+  return JOBS[job](config, workdir, mode=mode)

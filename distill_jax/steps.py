@@ -129,16 +129,29 @@ def train_step(state: TrainState, batch: dict, teacher: dict | None, *, model: n
   return new_state, metrics
 
 
-def eval_step(state: TrainState, batch: dict, *, model: nn.Module, cfg: StepConfig) -> dict:
-  """Sums over the (padded, masked) batch: loss, top-1/top-5 errors and the count."""
+def eval_step(state: TrainState, batch: dict, teacher: dict | None, *, model: nn.Module,
+              cfg: StepConfig, teacher_model: nn.Module | None = None) -> dict:
+  """Sums over the (padded, masked) batch: loss, top-1/top-5 errors and the count.
+
+  With a teacher, also the top-1 agreement with it and the attention distance (the
+  released AT term, Σ over points of the mean squared map difference, without β).
+  """
   images = data_lib.normalize(batch['image'], cfg.mean, cfg.std)
-  logits, _ = model.apply({'params': state.params, 'batch_stats': state.batch_stats}, images,
-                          train=False)
+  logits, points = model.apply({'params': state.params, 'batch_stats': state.batch_stats}, images,
+                               train=False)
   mask = batch['mask']
   top1, top5 = _topk_errors(logits, batch['label'])
   ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch['label'])
-  return {'loss': jnp.sum(ce * mask), 'top1_error': jnp.sum(top1 * mask),
+  sums = {'loss': jnp.sum(ce * mask), 'top1_error': jnp.sum(top1 * mask),
           'top5_error': jnp.sum(top5 * mask), 'count': jnp.sum(mask)}
+  if teacher_model is not None:
+    teacher_logits, teacher_points = teacher_model.apply(teacher, images, train=False)
+    agree = (logits.argmax(-1) == teacher_logits.argmax(-1)).astype(jnp.float32)
+    # Per-example attention distance: vmap the layer losses over single examples.
+    per_example = jax.vmap(lambda s, t: sum(losses.at_layer_losses(
+        [x[None] for x in s], [x[None] for x in t])))(points, teacher_points)
+    sums.update(teacher_agreement=jnp.sum(agree * mask), at_distance=jnp.sum(per_example * mask))
+  return sums
 
 
 def compile_steps(*, mesh: Mesh, model: nn.Module, tx: optax.GradientTransformation,
@@ -151,5 +164,6 @@ def compile_steps(*, mesh: Mesh, model: nn.Module, tx: optax.GradientTransformat
       functools.partial(train_step, model=model, tx=tx, schedule=schedule, cfg=cfg,
                         teacher_model=teacher_model),
       out_shardings=(replicated, replicated), donate_argnums=(0,))
-  evaluate = jax.jit(functools.partial(eval_step, model=model, cfg=cfg), out_shardings=replicated)
+  evaluate = jax.jit(functools.partial(eval_step, model=model, cfg=cfg, teacher_model=teacher_model),
+                     out_shardings=replicated)
   return train, evaluate

@@ -31,6 +31,7 @@ from distill_jax import data as data_lib
 from distill_jax import models
 from distill_jax import optim
 from distill_jax import steps as steps_lib
+from distill_jax.teacher import Teacher
 from distill_jax import validation
 
 RESULTS_FILE = 'results.json'
@@ -39,13 +40,6 @@ METRICS_FILE = 'metrics.jsonl'
 
 class NonFiniteLossError(FloatingPointError):
   """The loss became NaN or infinite; no checkpoint of the diverged state was written."""
-
-
-@dataclasses.dataclass
-class Teacher:
-  """A frozen teacher: its module and ``{'params', 'batch_stats'}`` (host or device)."""
-  model: Any
-  variables: dict
 
 
 def versions() -> dict[str, str]:
@@ -80,6 +74,7 @@ class Run:
   state: steps_lib.TrainState
   train_step: Any
   eval_step: Any
+  teacher_variables: Any
   steps_per_epoch: int
   num_train_steps: int
   num_params: int
@@ -116,6 +111,7 @@ def build_run(config: ml_collections.ConfigDict, *, teacher: Teacher | None = No
       teacher_model=teacher.model if teacher else None)
   return Run(config=config, mesh=mesh, data=data_lib.DeviceData.create(dataset, mesh),
              model=model, state=state, train_step=train_step, eval_step=eval_step,
+             teacher_variables=data_lib.replicate(teacher.variables, mesh) if teacher else None,
              steps_per_epoch=steps_per_epoch, num_train_steps=num_train_steps,
              num_params=models.count_params(variables['params']))
 
@@ -124,7 +120,7 @@ def evaluate_split(run: Run, state: steps_lib.TrainState, split: str = 'test') -
   """Loss and top-1/top-5 error (fractions) over a whole split."""
   totals = None
   for idx, mask in data_lib.eval_indices(run.data.num_examples(split), run.config.eval_batch_size):
-    sums = jax.device_get(run.eval_step(state, run.data.batch(split, idx, mask)))
+    sums = jax.device_get(run.eval_step(state, run.data.batch(split, idx, mask), run.teacher_variables))
     totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
   count = float(totals.pop('count'))
   return {f'{split}_{k}': float(v) / count for k, v in totals.items()}
@@ -172,7 +168,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   start_time = time.time()
   workdir = os.path.abspath(os.path.expanduser(workdir))
   run = build_run(config, teacher=teacher)
-  teacher_variables = data_lib.replicate(teacher.variables, run.mesh) if teacher else None
   os.makedirs(workdir, exist_ok=True)
 
   manager = ckpt_lib.make_manager(workdir, keep=config.keep_checkpoints)
@@ -198,12 +193,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   last_saved = first_step
   train_seconds = 0.0
   final = None
+  window = (time.time(), first_step)  # for steps/s between log points
   try:
     for step in range(first_step + 1, run.num_train_steps + 1):
       t0 = time.time()
       idx = data_lib.train_indices(config.seed, step - 1, num_examples=run.data.num_examples('train'),
                                    batch_size=config.batch_size)
-      state, metrics = run.train_step(state, run.data.batch('train', idx), teacher_variables)
+      state, metrics = run.train_step(state, run.data.batch('train', idx), run.teacher_variables)
       # Keep at most one step in flight: bounded memory, and no collective rendezvous
       # timeouts with many fake CPU devices.
       if pending:
@@ -219,6 +215,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         if step % config.log_every_steps == 0 or is_last:
           values = {f'train_{k}': v for k, v in _mean_metrics(pending).items()}
           values['epoch'] = step / run.steps_per_epoch
+          values['steps_per_sec'] = (step - window[1]) / max(time.time() - window[0], 1e-9)
+          window = (time.time(), step)
           writer.write_scalars(step, values)
           jsonl.write(step, values)
           pending.clear()
@@ -241,22 +239,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if run.data.num_examples('val'):
       final.update(evaluate_split(run, state, 'val'))
   results = {
-      'test_top1_error': final['test_top1_error'], 'test_top5_error': final['test_top5_error'],
-      'test_loss': final['test_loss'], 'num_params': run.num_params,
+      **final, 'num_params': run.num_params,
       'steps': run.num_train_steps, 'epochs': config.num_epochs, 'resumed_from_step': restored_step,
       'wall_time_s': time.time() - start_time, 'train_step_seconds': train_seconds,
       'num_devices': run.mesh.size, 'num_processes': jax.process_count(),
       'versions': versions(), 'config': config.to_dict()}
-  results.update({k: v for k, v in final.items() if k.startswith('val_')})
   if is_main:
     _write_json(os.path.join(workdir, RESULTS_FILE), results)
   manager.close()
   return results
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+             teacher: Teacher | None = None) -> dict[str, Any]:
   """Scores the latest checkpoint in ``workdir`` on the test split (and val, if any)."""
-  run = build_run(config)
+  run = build_run(config, teacher=teacher)
   manager = ckpt_lib.make_manager(workdir, keep=config.keep_checkpoints)
   state, step = ckpt_lib.restore_latest(manager, run.state)
   manager.close()

@@ -80,3 +80,22 @@ def validate_train_config(config: ml_collections.ConfigDict) -> None:
 def check_batch_divides(batch_size: int, num_devices: int, field: str = 'batch_size') -> None:
   _check(batch_size % num_devices == 0, field, batch_size,
          f'a global batch must divide over the {num_devices} devices; use a multiple of {num_devices}')
+
+
+def validate_distill_config(config: ml_collections.ConfigDict) -> None:
+  """The training checks plus the ``distill`` section's: method, weights, teacher model."""
+  validate_train_config(config)
+  from distill_jax import losses  # pylint: disable=g-import-not-at-top
+  check_choice(config, 'distill.method', losses.METHODS)
+  check_choice(config, 'distill.at_form', losses.AT_FORMS)
+  check_positive(config, 'distill.temperature')
+  alpha = config.distill.alpha
+  _check(isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0, 'distill.alpha', alpha,
+         'must be in [0, 1]')
+  check_non_negative(config, 'distill.beta')
+  if config.distill.method != 'none':
+    check_model(config.distill.teacher_model, 'distill.teacher_model')
+    classes = config.model.num_classes
+    _check(config.distill.teacher_model.get('num_classes') == classes,
+           'distill.teacher_model.num_classes', config.distill.teacher_model.get('num_classes'),
+           f'must equal model.num_classes={classes}')

@@ -1,0 +1,128 @@
+"""Building blocks of the experiment configs in ``configs/``: defaults, networks, demo sizes.
+
+The files in ``configs/`` stay short by composing these; every field a job reads is
+created here, so a locked config rejects unknown keys.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# The paper's networks (and the author's released code): name -> model config.
+NETWORKS = {
+    'wrn_16_2': {'name': 'wrn', 'depth': 16, 'widen_factor': 2},
+    'wrn_40_2': {'name': 'wrn', 'depth': 40, 'widen_factor': 2},
+    'densenet_bc_100_12': {'name': 'densenet_bc', 'depth': 100, 'growth_rate': 12},
+    'densenet_bc_40_36': {'name': 'densenet_bc', 'depth': 40, 'growth_rate': 36},
+    'darts_v1_10': {'name': 'darts', 'genotype': 'DARTS_V1', 'layers': 10, 'init_channels': 16},
+    'darts_v1_25': {'name': 'darts', 'genotype': 'DARTS_V1', 'layers': 25, 'init_channels': 16},
+}
+
+# Stand-ins of the same families small enough for 8x8 digits on 2 CPU cores.
+DEMO_NETWORKS = {
+    'wrn_16_2': {'name': 'wrn', 'depth': 10, 'widen_factor': 1},
+    'wrn_40_2': {'name': 'wrn', 'depth': 16, 'widen_factor': 2},
+    'densenet_bc_100_12': {'name': 'densenet_bc', 'depth': 16, 'growth_rate': 6},
+    'densenet_bc_40_36': {'name': 'densenet_bc', 'depth': 22, 'growth_rate': 12},
+    'darts_v1_10': {'name': 'darts', 'genotype': 'DARTS_V1', 'layers': 5, 'init_channels': 4},
+    'darts_v1_25': {'name': 'darts', 'genotype': 'DARTS_V1', 'layers': 8, 'init_channels': 8},
+}
+
+
+def network(key: str, *, num_classes: int = 10, demo: bool = False) -> ml_collections.ConfigDict:
+  """The model config of one of the paper's networks (its demo stand-in with ``demo``)."""
+  table = DEMO_NETWORKS if demo else NETWORKS
+  if key not in table:
+    raise ValueError(f'network {key!r} is not known; known: {", ".join(table)}')
+  return ml_collections.ConfigDict({**table[key], 'num_classes': num_classes})
+
+
+def train_config() -> ml_collections.ConfigDict:
+  """Every field a training run reads, with the CIFAR-10 WRN recipe as defaults
+  (200 epochs, batch 128, SGD 0.1 ×0.2 at 60/120/160, Nesterov 0.9, weight decay 5e-4)."""
+  c = ml_collections.ConfigDict()
+  c.job = 'train'
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = 'cifar10'          # digits | cifar10 | cifar100
+  c.data.data_dir = ''             # tfds data_dir ('' = tfds default); never downloads
+  c.data.validation_fraction = 0.0  # part of the training split held out as 'val'
+  c.data.crop_padding = 4          # random crop of the padded image
+  c.data.pad_mode = 'constant'     # constant | reflect
+  c.data.flip = True               # random horizontal flip
+  c.data.cutout = 0                # cutout square size in pixels (0 = off)
+
+  c.model = network('wrn_16_2')
+  c.model.dropout_rate = 0.0
+
+  c.num_epochs = 200
+  c.batch_size = 128               # global, over all devices and hosts
+  c.eval_batch_size = 500
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.learning_rate = 0.1
+  c.optimizer.schedule = 'multistep'  # constant | cosine | multistep
+  c.optimizer.milestones = (60, 120, 160)  # epochs, for multistep
+  c.optimizer.decay_factor = 0.2
+  c.optimizer.final_learning_rate = 0.0  # for cosine
+  c.optimizer.momentum = 0.9
+  c.optimizer.nesterov = True
+  c.optimizer.weight_decay = 5e-4
+  c.optimizer.grad_clip_norm = 0.0  # 0 = no clipping
+
+  c.aux_weight = 0.0               # DARTS auxiliary head loss weight (0 = no head)
+  c.drop_path_prob = 0.0           # DARTS drop path, ramped linearly over the epochs
+
+  c.log_every_steps = 100
+  c.eval_every_steps = 0           # 0 = once per epoch
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
+  c.num_devices = 0                # 0 = every device of every process
+  return c
+
+
+def distill_fields(c: ml_collections.ConfigDict, *, teacher: str = 'wrn_40_2',
+                   method: str = 'at') -> ml_collections.ConfigDict:
+  """Adds the ``distill`` section: the method, its weights and the frozen teacher.
+
+  ``distill.teacher_workdir``: an earlier run's workdir (its latest checkpoint) or one
+  checkpoint folder ``WORKDIR/checkpoints/STEP``; empty means "train the teacher first
+  in ``WORKDIR/teacher`` with this config's recipe".
+  """
+  c.job = 'distill'
+  c.distill = ml_collections.ConfigDict()
+  c.distill.method = method         # none | kd | at | kd_at | hard
+  c.distill.alpha = 0.9             # KD weight of the soft term
+  c.distill.temperature = 4.0       # KD temperature T
+  c.distill.beta = 1e3              # attention-transfer weight
+  c.distill.at_form = 'released'    # released (squared, mean) | l2 (the seed's Eq. 2)
+  c.distill.teacher_model = network(teacher, num_classes=c.model.num_classes)
+  c.distill.teacher_workdir = ''
+  return c
+
+
+def demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks a config to the embedded digits data and a few CPU minutes."""
+  c.data.name = 'digits'
+  c.data.crop_padding = 1
+  c.data.flip = False              # a mirrored digit is another glyph
+  c.num_epochs = 15
+  c.batch_size = 64
+  c.eval_batch_size = 360
+  c.optimizer.learning_rate = 0.05
+  c.optimizer.schedule = 'cosine'
+  c.log_every_steps = 50
+  c.eval_every_steps = 0
+  c.checkpoint_every_steps = 100
+  return c
+
+
+def parse_variants(arg: str, allowed: tuple[str, ...], config_file: str) -> set[str]:
+  """``'demo,densenet'`` -> {'demo', 'densenet'}; an unknown variant is a one-line error."""
+  variants = set(filter(None, (arg or '').split(',')))
+  unknown = sorted(variants - set(allowed))
+  if unknown:
+    raise ValueError(f'{config_file}:{arg}: unknown variant {unknown[0]!r}; allowed: '
+                     f'{", ".join(allowed)} (comma-separated)')
+  return variants

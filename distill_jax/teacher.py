@@ -1,0 +1,72 @@
+"""Loading a frozen teacher from an earlier run's checkpoint, checked against its config."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from distill_jax import checkpoint as ckpt_lib
+from distill_jax import models
+
+
+class TeacherError(ValueError):
+  """The teacher checkpoint is missing or does not fit the teacher's model config."""
+
+
+@dataclasses.dataclass
+class Teacher:
+  """A frozen teacher: its module and ``{'params', 'batch_stats'}``; never trained here."""
+  model: nn.Module
+  variables: dict
+  source: str = ''
+
+
+def _checkpoint_item(path: str) -> str:
+  """The orbax item folder for a run's workdir or a ``checkpoints/STEP`` folder."""
+  path = os.path.abspath(os.path.expanduser(path))
+  if os.path.isdir(os.path.join(path, 'default')):  # WORKDIR/checkpoints/STEP
+    return os.path.join(path, 'default')
+  step = ckpt_lib.latest_step(path)
+  if step is None:
+    raise TeacherError(
+        f'distill.teacher_workdir={path!r} holds no checkpoint (looked in '
+        f'{ckpt_lib.checkpoint_dir(path)}); train the teacher first, e.g. with configs/train.py '
+        'and the same model config')
+  return os.path.join(ckpt_lib.checkpoint_dir(path), str(step), 'default')
+
+
+def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {'/'.join(str(getattr(k, 'key', k)) for k in path): tuple(np.shape(x)) for path, x in flat}
+
+
+def check_variables_match(expected: dict, found: dict, *, source: str) -> None:
+  """Raises :class:`TeacherError` naming the first parameter path whose shape differs."""
+  want, have = _flat_shapes(expected), _flat_shapes(found)
+  for path in sorted(set(want) | set(have)):
+    if want.get(path) != have.get(path):
+      raise TeacherError(
+          f'teacher checkpoint {source} does not match distill.teacher_model: {path} has shape '
+          f'{have.get(path, "(missing)")} in the checkpoint but {want.get(path, "(missing)")} in '
+          'the model config')
+
+
+def load_teacher(model_config: dict, path: str, input_shape: tuple[int, ...]) -> Teacher:
+  """Restores ``{'params', 'batch_stats'}`` of the run in ``path`` for ``model_config``.
+
+  ``path`` is a workdir (its latest checkpoint) or one ``WORKDIR/checkpoints/STEP``
+  folder. ``input_shape`` is an NHWC shape of the data, e.g. ``(1, 32, 32, 3)``.
+  """
+  model = models.create_model(**model_config)
+  item = _checkpoint_item(path)
+  restored = ocp.StandardCheckpointer().restore(item)
+  variables = {'params': restored['params'], 'batch_stats': restored.get('batch_stats', {})}
+  check_variables_match(models.param_shapes(model, input_shape), variables, source=item)
+  variables = jax.tree.map(np.asarray, variables)
+  return Teacher(model=model, variables=variables, source=item)
