@@ -49,7 +49,8 @@ def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
 def check_variables_match(expected: dict, found: dict, *, source: str) -> None:
   """Raises :class:`TeacherError` naming the first parameter path whose shape differs."""
   want, have = _flat_shapes(expected), _flat_shapes(found)
-  for path in sorted(set(want) | set(have)):
+  # Trainable parameters first: they name the layer a user got wrong.
+  for path in sorted(set(want) | set(have), key=lambda p: (not p.startswith('params/'), p)):
     if want.get(path) != have.get(path):
       raise TeacherError(
           f'teacher checkpoint {source} does not match distill.teacher_model: {path} has shape '

@@ -1,0 +1,153 @@
+"""Distillation training: a frozen teacher in the step, teacher loading, the distill job."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+from conftest import load_config
+from distill_jax import checkpoint as ckpt_lib
+from distill_jax import data as data_lib
+from distill_jax import jobs
+from distill_jax import losses
+from distill_jax import models
+from distill_jax import steps as steps_lib
+from distill_jax import teacher as teacher_lib
+from distill_jax import train as train_lib
+from distill_jax import validation
+
+SHAPE = (1, 8, 8, 1)
+
+
+def tiny_distill_config(method='kd_at', **distill):
+  c = load_config('distill', 'demo')
+  c.model = models_config('wrn', depth=10, widen_factor=1)
+  c.distill.teacher_model = models_config('wrn', depth=10, widen_factor=2)
+  c.distill.method = method
+  c.num_epochs = 2
+  c.batch_size = 32
+  c.eval_batch_size = 120
+  c.log_every_steps = 20
+  c.checkpoint_every_steps = 0
+  c.num_devices = 1
+  for k, v in distill.items():
+    c.distill[k] = v
+  return c
+
+
+def models_config(name, **kwargs):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  return ml_collections.ConfigDict({'name': name, 'num_classes': 10, **kwargs})
+
+
+@pytest.fixture(scope='module')
+def teacher_dir(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('teacher'))
+  train_lib.train_and_evaluate(jobs.teacher_config(tiny_distill_config()), workdir)
+  return workdir
+
+
+def test_distilled_student_ends_closer_to_its_teacher(teacher_dir, tmp_path):
+  teacher = teacher_lib.load_teacher(tiny_distill_config().distill.teacher_model, teacher_dir, SHAPE)
+  scores = {}
+  for method in ('none', 'kd_at'):
+    config = tiny_distill_config(method, teacher_workdir=teacher_dir)
+    workdir = str(tmp_path / method)
+    jobs.distill(config, workdir)
+    # Score both students against the same teacher (the baseline never saw it).
+    scored = tiny_distill_config('kd_at', teacher_workdir=teacher_dir)
+    scores[method] = train_lib.evaluate(scored, workdir, teacher=teacher)
+  assert scores['kd_at']['test_at_distance'] < 0.8 * scores['none']['test_at_distance']
+  assert scores['kd_at']['test_teacher_agreement'] > scores['none']['test_teacher_agreement']
+  assert scores['kd_at']['test_top1_error'] < 0.3
+
+
+def test_only_the_student_is_checkpointed(teacher_dir, tmp_path):
+  config = tiny_distill_config('at', teacher_workdir=teacher_dir)
+  config.num_epochs = 1
+  config.checkpoint_every_steps = 10
+  results = jobs.distill(config, str(tmp_path))
+  with ocp.CheckpointManager(ckpt_lib.checkpoint_dir(str(tmp_path))) as manager:
+    saved = manager.restore(manager.latest_step())
+  student = models.param_shapes(models.create_model(**config.model), SHAPE)
+  teacher_lib.check_variables_match(student, {'params': saved['params'],
+                                              'batch_stats': saved['batch_stats']}, source='student')
+  assert results['num_params'] == models.count_params(student['params'])
+  assert 0.0 <= results['test_teacher_agreement'] <= 1.0
+
+
+def test_trainer_loss_is_one_call_of_distillation_loss(teacher_dir):
+  """The step's loss equals losses.distillation_loss on the same (unaugmented) batch."""
+  config = tiny_distill_config('kd_at', teacher_workdir=teacher_dir, beta=30.0, alpha=0.7,
+                               temperature=3.0)
+  teacher = teacher_lib.load_teacher(config.distill.teacher_model, teacher_dir, SHAPE)
+  dataset = data_lib.load_dataset('digits')
+  student = models.create_model(**config.model)
+  variables = models.init_variables(student, jax.random.key(1), SHAPE)
+  tx = optax.sgd(0.1)
+  state = steps_lib.create_train_state(variables, tx, seed=0)
+  cfg = steps_lib.StepConfig(mean=dataset.mean, std=dataset.std, crop_padding=0, flip=False,
+                             method='kd_at', alpha=0.7, temperature=3.0, beta=30.0)
+  batch = {'image': jnp.asarray(dataset.train_images[:16]),
+           'label': jnp.asarray(dataset.train_labels[:16])}
+  _, metrics = steps_lib.train_step(state, batch, teacher.variables, model=student, tx=tx,
+                                    schedule=optax.constant_schedule(0.1), cfg=cfg,
+                                    teacher_model=teacher.model)
+  images = data_lib.normalize(batch['image'], dataset.mean, dataset.std)
+  (s_logits, s_points), _ = student.apply(variables, images, train=True, mutable=['batch_stats'])
+  t_logits, t_points = teacher.model.apply(teacher.variables, images, train=False)
+  expected, terms = losses.distillation_loss(s_logits, batch['label'], s_points, t_logits,
+                                             t_points, method='kd_at', alpha=0.7,
+                                             temperature=3.0, beta=30.0)
+  np.testing.assert_allclose(metrics['loss'], expected, rtol=1e-5)
+  np.testing.assert_allclose(metrics['kd'], terms['kd'], rtol=1e-5)
+  np.testing.assert_allclose(metrics['at'], terms['at'], rtol=1e-5)
+  assert metrics['kd'] > 0 and metrics['at'] > 0 and 0 <= metrics['teacher_agreement'] <= 1
+
+
+def test_mismatched_teacher_names_first_path_and_both_shapes(teacher_dir):
+  wrong = models_config('wrn', depth=10, widen_factor=1)
+  with pytest.raises(teacher_lib.TeacherError) as e:
+    teacher_lib.load_teacher(wrong, teacher_dir, SHAPE)
+  message = str(e.value)
+  assert '\n' not in message
+  assert 'params/classifier/kernel has shape (128, 10) in the checkpoint but (64, 10)' in message
+
+
+def test_missing_teacher_checkpoint(tmp_path):
+  config = tiny_distill_config('at', teacher_workdir=str(tmp_path / 'nowhere'))
+  with pytest.raises(teacher_lib.TeacherError, match='holds no checkpoint'):
+    jobs.distill(config, str(tmp_path / 'student'))
+  assert not os.path.exists(tmp_path / 'student' / 'checkpoints')
+
+
+def test_teacher_from_one_checkpoint_folder(teacher_dir):
+  step = ckpt_lib.latest_step(teacher_dir)
+  folder = os.path.join(ckpt_lib.checkpoint_dir(teacher_dir), str(step))
+  teacher = teacher_lib.load_teacher(tiny_distill_config().distill.teacher_model, folder, SHAPE)
+  assert teacher.source.endswith(f'{step}/default')
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('temperature', 0.0, 'config.distill.temperature=0.0 is invalid: must be > 0'),
+    ('alpha', 1.5, 'config.distill.alpha=1.5 is invalid: must be in [0, 1]'),
+    ('beta', -1.0, 'config.distill.beta=-1.0 is invalid: must be >= 0'),
+    ('method', 'fitnet', "config.distill.method='fitnet' is invalid: allowed: none, kd, at, kd_at, hard"),
+    ('at_form', 'cosine', 'allowed: released, l2'),
+])
+def test_bad_distill_values(field, value, message):
+  config = tiny_distill_config(**{field: value})
+  with pytest.raises(validation.ConfigError) as e:
+    validation.validate_distill_config(config)
+  assert message in str(e.value) and '\n' not in str(e.value)
+
+
+def test_bad_teacher_model_name():
+  config = tiny_distill_config()
+  config.distill.teacher_model.name = 'vgg'
+  with pytest.raises(validation.ConfigError, match="distill.teacher_model.name='vgg'"):
+    validation.validate_distill_config(config)
