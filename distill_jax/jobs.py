@@ -9,7 +9,9 @@ from absl import logging
 import jax
 import ml_collections
 
+from distill_jax import config_lib
 from distill_jax import data as data_lib
+from distill_jax import sweeps
 from distill_jax import teacher as teacher_lib
 from distill_jax import train as train_lib
 from distill_jax import validation
@@ -84,7 +86,47 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mode: str = 'train
   return train_lib.train_and_evaluate(config, workdir)
 
 
-JOBS = {'train': train, 'distill': distill}
+def _execute(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  return JOBS[config.job](config, workdir)
+
+
+def validate_runs(runs: list[sweeps.RunSpec]) -> None:
+  """Checks every run's config before the first one computes anything."""
+  for spec in runs:
+    try:
+      if spec.config.job == 'distill':
+        validation.validate_distill_config(spec.config)
+      else:
+        validation.validate_train_config(spec.config)
+    except validation.ConfigError as e:
+      raise validation.ConfigError(f'{spec.name}: {e}') from None
+
+
+def teacher_student(config: ml_collections.ConfigDict, workdir: str, *, mode: str = 'train',
+                    shard: int = 0, num_shards: int = 1) -> str:
+  """The teacher × student grid: trains what is missing, then writes the report."""
+  for field in ('teachers', 'students'):
+    table = config_lib.DEMO_NETWORKS if config.demo_networks else config_lib.NETWORKS
+    for key in config[field]:
+      if key not in table:
+        raise validation.ConfigError(
+            f'config.{field} has {key!r}, not a known network; known: {", ".join(table)}')
+  if not config.seeds:
+    raise validation.ConfigError('config.seeds=() is invalid: give at least one seed')
+  runs = sweeps.grid_runs(config, workdir)
+  validate_runs(runs)
+  if mode == 'train':
+    sweeps.run_sweep(runs, _execute, shard=shard, num_shards=num_shards)
+  rows = sweeps.report_rows(runs)
+  if jax.process_index() == 0 and rows:
+    markdown = sweeps.write_report(
+        rows, workdir, title='Teacher × student (attention transfer)',
+        extra_columns={'Student params': lambda r: f'{r["student_params"]:,}'})
+    logging.info('Report written to %s:\n%s', os.path.join(workdir, 'report.md'), markdown)
+  return os.path.join(workdir, 'report.md')
+
+
+JOBS = {'train': train, 'distill': distill, 'teacher_student': teacher_student}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, mode: str = 'train') -> dict:

@@ -1,0 +1,55 @@
+r"""The paper's first table: every teacher × student pair with attention transfer.
+
+Teachers WRN-40-2, DenseNet-BC (L=40, k=36) and DARTS_V1 with 25 layers; students
+WRN-16-2, DenseNet-BC (L=100, k=12) and DARTS_V1 with 10 layers (C=16), as in the
+author's released code. Each teacher is trained once per seed, each student once per
+seed alone (the N/A rows) and once per seed under each teacher (AT, β = 1000 at the
+three stage outputs). Common recipe: 200 epochs, batch 128, SGD 0.1 ×0.2 at
+60/120/160, Nesterov momentum 0.9, weight decay 5e-4; DARTS networks add drop path 0.2.
+
+  python -m distill_jax.main --config=configs/teacher_student.py --workdir=/tmp/grid \
+      --config.data.data_dir=~/tensorflow_datasets
+
+Runs are independent workdirs under /tmp/grid; a re-run skips finished runs and
+resumes killed ones. To spread runs over GPUs or machines, start one shard per GPU:
+``python launch/sweep.py --config=configs/teacher_student.py --workdir=/tmp/grid
+--shard=i/n``. The table lands in WORKDIR/report.md and report.csv (paper: 5.7-8.5%
+top-1 error on CIFAR-10; DARTS students worst whatever the teacher).
+
+``:demo`` runs the whole grid with small stand-ins of the same families on the
+embedded digits data, 2 seeds, in a few minutes on 2 CPU cores:
+
+  python -m distill_jax.main --config=configs/teacher_student.py:demo --workdir=/tmp/grid_demo
+"""
+
+import ml_collections
+
+from distill_jax import config_lib
+
+
+def get_config(arg: str = ''):
+  variants = config_lib.parse_variants(arg, ('demo',), 'configs/teacher_student.py')
+  c = config_lib.train_config()
+  c.job = 'teacher_student'
+  del c['model']
+  c.num_classes = 10
+  c.teachers = ('wrn_40_2', 'densenet_bc_40_36', 'darts_v1_25')
+  c.students = ('wrn_16_2', 'densenet_bc_100_12', 'darts_v1_10')
+  c.seeds = (0, 1, 2)
+  c.demo_networks = False          # use config_lib.DEMO_NETWORKS stand-ins
+  c.darts_drop_path_prob = 0.2
+  c.distill = ml_collections.ConfigDict()
+  c.distill.method = 'at'
+  c.distill.alpha = 0.9
+  c.distill.temperature = 4.0
+  c.distill.beta = 1e3
+  c.distill.at_form = 'released'
+  if 'demo' in variants:
+    c = config_lib.demo(c)
+    c.demo_networks = True
+    c.seeds = (0, 1)
+    c.num_epochs = 3
+    c.distill.beta = 50.0          # 8x8 maps: see configs/distill.py
+    c.darts_drop_path_prob = 0.0
+  c.lock()
+  return c
