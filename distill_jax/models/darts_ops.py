@@ -26,8 +26,9 @@ their gradients, so by default (``impl='fast'``) this module writes
 These compute the same function as ``lax.conv_general_dilated`` / ``lax.reduce_window``
 (the tests check it numerically) and keep the parameter layout of ``nn.Conv``
 (kernel ``(kh, kw, C_in // groups, C_out)``), so ``impl='lax'`` is a drop-in reference.
-Dense k x k convolutions of several input channels (the stem) use ``lax``. During ``init`` (which runs op by
-op, outside ``jit``) modules use ``lax``: the same function with fewer eager dispatches.
+Dense k x k convolutions of several input channels (the stem) use ``lax``. During
+``init`` (which runs op by op, outside ``jit``) modules use ``lax``: the same function
+with fewer eager dispatches.
 
 Initialisation follows PyTorch's defaults as the release does: conv kernels
 ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``; batch norm scale 1, bias 0.
