@@ -27,7 +27,8 @@ reduction cell.
 Parameter names are predictable: ``stem_conv``, ``stem_bn``, ``cell{i}`` (inside:
 ``preprocess0``, ``preprocess1``, ``op{e}`` for edge ``e`` of the genotype in its order),
 ``aux_head`` and ``classifier``. Each cell marks its output with
-``self.perturb('output', ...)``, so with the ``'perturbations'`` collection the gradient
+``layers.mark(self, 'output', ...)`` (a perturbation plus the value sown in
+``'intermediates'``), so with the ``'perturbations'`` collection the gradient
 with respect to cell ``i``'s output is ``grads['perturbations'][f'cell{i}']['output']``
 (a perturbation can not share the name ``cell{i}`` with the submodule at the network
 level, so it lives inside the cell).
@@ -43,6 +44,7 @@ import jax
 import jax.numpy as jnp
 
 from distill_jax.genotypes import NUM_NODES, Genotype, GenotypeLike, get_genotype
+from distill_jax.models.layers import mark
 from distill_jax.models.darts_ops import (Conv, FactorizedReduce, ReLUConvBN, batch_norm,
                                           is_identity, make_op, torch_default_init)
 
@@ -119,7 +121,7 @@ class Cell(nn.Module):
         total = h if total is None else total + h
       states.append(total)
     out = jnp.concatenate([states[i] for i in concat], axis=-1)
-    return self.perturb('output', out)
+    return mark(self, 'output', out)
 
 
 class AuxiliaryHead(nn.Module):
