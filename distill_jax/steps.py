@@ -118,9 +118,9 @@ def train_step(state: TrainState, batch: dict, teacher: dict | None, *, model: n
 
   top1, top5 = _topk_errors(logits, labels)
   metrics = {
-      'loss': loss, 'top1_error': top1.mean(), 'top5_error': top5.mean(),
+      **terms, 'loss': loss, 'top1_error': top1.mean(), 'top5_error': top5.mean(),
       'learning_rate': schedule(state.step), 'grad_norm': optax.global_norm(grads),
-      'param_norm': optax.global_norm(params), **terms}
+      'param_norm': optax.global_norm(params)}
   if teacher_logits is not None:
     metrics['teacher_agreement'] = jnp.mean(
         (logits.argmax(-1) == teacher_logits.argmax(-1)).astype(jnp.float32))

@@ -70,6 +70,15 @@ def validate_train_config(config: ml_collections.ConfigDict) -> None:
                 'optimizer.final_learning_rate', 'eval_every_steps', 'checkpoint_every_steps',
                 'num_devices'):
     check_non_negative(config, field)
+  check_non_negative(config, 'aux_weight')
+  _check(0.0 <= config.drop_path_prob < 1.0, 'drop_path_prob', config.drop_path_prob,
+         'must be in [0, 1)')
+  if config.aux_weight:
+    _check(bool(config.model.get('auxiliary')), 'aux_weight', config.aux_weight,
+           'needs a network with an auxiliary head (model.name=darts, model.auxiliary=True)')
+  if config.drop_path_prob:
+    _check(config.model.name == 'darts', 'drop_path_prob', config.drop_path_prob,
+           'drop path exists only in DARTS networks (model.name=darts); use 0')
   check_choice(config, 'optimizer.schedule', ('constant', 'cosine', 'multistep'))
   if config.optimizer.schedule == 'multistep':
     _check(all(int(m) > 0 for m in config.optimizer.milestones), 'optimizer.milestones',
