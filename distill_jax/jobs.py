@@ -126,7 +126,20 @@ def teacher_student(config: ml_collections.ConfigDict, workdir: str, *, mode: st
   return os.path.join(workdir, 'report.md')
 
 
-JOBS = {'train': train, 'distill': distill, 'teacher_student': teacher_student}
+def darts_fisher(config: ml_collections.ConfigDict, workdir: str, *, mode: str = 'train') -> str:
+  """The darts_fisher pipeline (see :mod:`distill_jax.pipeline`)."""
+  from distill_jax import pipeline  # pylint: disable=g-import-not-at-top
+  pipeline.validate(config)
+  validate_runs([sweeps.RunSpec(name='student', workdir='', config=sweeps.run_config(
+      config, dict(config.model), config.seeds[0]), stage=0, teacher='', student='', seed=0)])
+  runner = pipeline.Pipeline(config, workdir)
+  if mode == 'evaluate':
+    return runner.report()
+  return runner.run()
+
+
+JOBS = {'train': train, 'distill': distill, 'teacher_student': teacher_student,
+        'darts_fisher': darts_fisher}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, mode: str = 'train') -> dict:

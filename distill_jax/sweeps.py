@@ -58,7 +58,7 @@ def display_name(model: dict) -> str:
   return name
 
 
-def _run_config(base: ml_collections.ConfigDict, model: dict, seed: int, *,
+def run_config(base: ml_collections.ConfigDict, model: dict, seed: int, *,
                 method: str = 'none', teacher_model: dict | None = None,
                 teacher_workdir: str = '') -> ml_collections.ConfigDict:
   c = config_lib.train_config()
@@ -94,12 +94,12 @@ def grid_runs(config: ml_collections.ConfigDict, workdir: str) -> list[RunSpec]:
     for t in config.teachers:
       runs.append(RunSpec(
           name=f'teacher {t} seed {seed}', workdir=os.path.join(workdir, 'teachers', t, f'seed{seed}'),
-          config=_run_config(config, model(t), seed), stage=0, teacher=display_name(model(t)),
+          config=run_config(config, model(t), seed), stage=0, teacher=display_name(model(t)),
           student='', seed=seed))
     for s in config.students:
       runs.append(RunSpec(
           name=f'student {s} seed {seed}', workdir=os.path.join(workdir, 'students', s, f'seed{seed}'),
-          config=_run_config(config, model(s), seed), stage=0, teacher=NO_TEACHER,
+          config=run_config(config, model(s), seed), stage=0, teacher=NO_TEACHER,
           student=display_name(model(s)), seed=seed))
   for seed in config.seeds:
     for t in config.teachers:
@@ -108,7 +108,7 @@ def grid_runs(config: ml_collections.ConfigDict, workdir: str) -> list[RunSpec]:
         runs.append(RunSpec(
             name=f'{t} -> {s} seed {seed}',
             workdir=os.path.join(workdir, 'pairs', f'{t}__{s}', f'seed{seed}'),
-            config=_run_config(config, model(s), seed, method=config.distill.method,
+            config=run_config(config, model(s), seed, method=config.distill.method,
                                teacher_model=model(t), teacher_workdir=teacher_dir),
             stage=1, teacher=display_name(model(t)), student=display_name(model(s)), seed=seed,
             needs=teacher_dir))

@@ -53,9 +53,8 @@ def check_variables_match(expected: dict, found: dict, *, source: str) -> None:
   for path in sorted(set(want) | set(have), key=lambda p: (not p.startswith('params/'), p)):
     if want.get(path) != have.get(path):
       raise TeacherError(
-          f'teacher checkpoint {source} does not match distill.teacher_model: {path} has shape '
-          f'{have.get(path, "(missing)")} in the checkpoint but {want.get(path, "(missing)")} in '
-          'the model config')
+          f'{source} does not match its model config: {path} has shape '
+          f'{have.get(path, "(missing)")} there but {want.get(path, "(missing)")} in the model')
 
 
 def load_teacher(model_config: dict, path: str, input_shape: tuple[int, ...]) -> Teacher:
@@ -68,6 +67,7 @@ def load_teacher(model_config: dict, path: str, input_shape: tuple[int, ...]) ->
   item = _checkpoint_item(path)
   restored = ocp.StandardCheckpointer().restore(item)
   variables = {'params': restored['params'], 'batch_stats': restored.get('batch_stats', {})}
-  check_variables_match(models.param_shapes(model, input_shape), variables, source=item)
+  check_variables_match(models.param_shapes(model, input_shape), variables,
+                        source=f'teacher checkpoint {item} (distill.teacher_model)')
   variables = jax.tree.map(np.asarray, variables)
   return Teacher(model=model, variables=variables, source=item)

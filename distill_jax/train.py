@@ -31,6 +31,7 @@ from distill_jax import data as data_lib
 from distill_jax import models
 from distill_jax import optim
 from distill_jax import steps as steps_lib
+from distill_jax import teacher as teacher_lib
 from distill_jax.teacher import Teacher
 from distill_jax import validation
 
@@ -81,8 +82,13 @@ class Run:
 
 
 def build_run(config: ml_collections.ConfigDict, *, teacher: Teacher | None = None,
-              dataset: data_lib.Dataset | None = None) -> Run:
-  """Validates the config, loads data, builds the model, state and jitted steps."""
+              dataset: data_lib.Dataset | None = None,
+              initial_variables: dict | None = None) -> Run:
+  """Validates the config, loads data, builds the model, state and jitted steps.
+
+  ``initial_variables`` (``{'params', 'batch_stats'}``, e.g. a grown network's) replace
+  the random initialisation; their shapes must fit ``config.model``.
+  """
   validation.validate_train_config(config)
   mesh = data_lib.make_mesh(config.num_devices)
   validation.check_batch_divides(config.batch_size, mesh.size)
@@ -100,7 +106,12 @@ def build_run(config: ml_collections.ConfigDict, *, teacher: Teacher | None = No
 
   model = models.create_model(**config.model)
   input_shape = (1, *dataset.image_shape)
-  variables = models.init_variables(model, jax.random.PRNGKey(config.seed), input_shape)
+  if initial_variables is None:
+    variables = models.init_variables(model, jax.random.PRNGKey(config.seed), input_shape)
+  else:
+    teacher_lib.check_variables_match(models.param_shapes(model, input_shape), initial_variables,
+                                      source='initial_variables')
+    variables = initial_variables
   schedule = optim.make_schedule(config.optimizer, steps_per_epoch=steps_per_epoch,
                                  num_train_steps=num_train_steps)
   tx = optim.make_optimizer(config.optimizer, schedule)
@@ -159,7 +170,8 @@ class _JsonlWriter:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       teacher: Teacher | None = None) -> dict[str, Any]:
+                       teacher: Teacher | None = None,
+                       initial_variables: dict | None = None) -> dict[str, Any]:
   """Trains ``config.model`` on ``config.data``; resumes from ``workdir``; returns results.
 
   With ``teacher``, the student learns under ``config.distill`` against the frozen
@@ -167,7 +179,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """
   start_time = time.time()
   workdir = os.path.abspath(os.path.expanduser(workdir))
-  run = build_run(config, teacher=teacher)
+  run = build_run(config, teacher=teacher, initial_variables=initial_variables)
   os.makedirs(workdir, exist_ok=True)
 
   manager = ckpt_lib.make_manager(workdir, keep=config.keep_checkpoints)

@@ -115,7 +115,8 @@ def test_mismatched_teacher_names_first_path_and_both_shapes(teacher_dir):
     teacher_lib.load_teacher(wrong, teacher_dir, SHAPE)
   message = str(e.value)
   assert '\n' not in message
-  assert 'params/classifier/kernel has shape (128, 10) in the checkpoint but (64, 10)' in message
+  assert 'distill.teacher_model' in message
+  assert 'params/classifier/kernel has shape (128, 10) there but (64, 10) in the model' in message
 
 
 def test_missing_teacher_checkpoint(tmp_path):
