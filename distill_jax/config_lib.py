@@ -74,6 +74,8 @@ def train_config() -> ml_collections.ConfigDict:
   c.aux_weight = 0.0               # DARTS auxiliary head loss weight (0 = no head)
   c.drop_path_prob = 0.0           # DARTS drop path, ramped linearly over the epochs
 
+  c.compute_dtype = 'float32'      # float32 | bfloat16 (params, optimizer state stay float32)
+
   c.log_every_steps = 100
   c.eval_every_steps = 0           # 0 = once per epoch
   c.checkpoint_every_steps = 1000

@@ -11,6 +11,7 @@ import ml_collections
 
 from distill_jax import config_lib
 from distill_jax import data as data_lib
+from distill_jax import models
 from distill_jax import sweeps
 from distill_jax import teacher as teacher_lib
 from distill_jax import train as train_lib
@@ -73,7 +74,8 @@ def distill(config: ml_collections.ConfigDict, workdir: str, *, mode: str = 'tra
       teacher_dir = os.path.join(workdir, TEACHER_SUBDIR)
       train_lib.train_and_evaluate(teacher_config(config), teacher_dir)
     shape = (1, *data_lib.IMAGE_SHAPES[config.data.name])
-    teacher = teacher_lib.load_teacher(config.distill.teacher_model, teacher_dir, shape)
+    teacher = teacher_lib.load_teacher(config.distill.teacher_model, teacher_dir, shape,
+                                       dtype=models.compute_dtype(config.compute_dtype))
     logging.info('Teacher %s loaded from %s.', config.distill.teacher_model.name, teacher.source)
   if mode == 'evaluate':
     return train_lib.evaluate(config, workdir, teacher=teacher)

@@ -65,7 +65,8 @@ def run_config(base: ml_collections.ConfigDict, model: dict, seed: int, *,
   for key in ('data', 'optimizer'):
     c[key] = copy.deepcopy(base[key])
   for key in ('num_epochs', 'batch_size', 'eval_batch_size', 'log_every_steps',
-              'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints', 'num_devices'):
+              'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints', 'num_devices',
+              'compute_dtype'):
     c[key] = base[key]
   c.seed = seed
   c.model = ml_collections.ConfigDict(model)

@@ -57,13 +57,15 @@ def check_variables_match(expected: dict, found: dict, *, source: str) -> None:
           f'{have.get(path, "(missing)")} there but {want.get(path, "(missing)")} in the model')
 
 
-def load_teacher(model_config: dict, path: str, input_shape: tuple[int, ...]) -> Teacher:
+def load_teacher(model_config: dict, path: str, input_shape: tuple[int, ...], *,
+                 dtype: Any = None) -> Teacher:
   """Restores ``{'params', 'batch_stats'}`` of the run in ``path`` for ``model_config``.
 
   ``path`` is a workdir (its latest checkpoint) or one ``WORKDIR/checkpoints/STEP``
-  folder. ``input_shape`` is an NHWC shape of the data, e.g. ``(1, 32, 32, 3)``.
+  folder. ``input_shape`` is an NHWC shape of the data, e.g. ``(1, 32, 32, 3)``;
+  ``dtype`` the teacher's compute dtype (default float32).
   """
-  model = models.create_model(**model_config)
+  model = models.create_model(**model_config, **({'dtype': dtype} if dtype is not None else {}))
   item = _checkpoint_item(path)
   restored = ocp.StandardCheckpointer().restore(item)
   variables = {'params': restored['params'], 'batch_stats': restored.get('batch_stats', {})}

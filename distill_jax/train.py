@@ -104,7 +104,9 @@ def build_run(config: ml_collections.ConfigDict, *, teacher: Teacher | None = No
   steps_per_epoch = num_train // config.batch_size
   num_train_steps = steps_per_epoch * config.num_epochs
 
-  model = models.create_model(**config.model)
+  # Mixed precision: activations in compute_dtype, parameters and optimizer in float32.
+  model = models.create_model(**config.model,
+                              dtype=models.compute_dtype(config.get('compute_dtype', 'float32')))
   input_shape = (1, *dataset.image_shape)
   if initial_variables is None:
     variables = models.init_variables(model, jax.random.PRNGKey(config.seed), input_shape)

@@ -70,6 +70,7 @@ def validate_train_config(config: ml_collections.ConfigDict) -> None:
                 'optimizer.final_learning_rate', 'eval_every_steps', 'checkpoint_every_steps',
                 'num_devices'):
     check_non_negative(config, field)
+  check_choice(config, 'compute_dtype', ('float32', 'bfloat16'))
   check_non_negative(config, 'aux_weight')
   _check(0.0 <= config.drop_path_prob < 1.0, 'drop_path_prob', config.drop_path_prob,
          'must be in [0, 1)')

@@ -59,6 +59,16 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
   return cls(**kwargs)
 
 
+COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def compute_dtype(name: str):
+  """``'float32'`` or ``'bfloat16'`` -> the dtype a model's ``dtype`` field takes."""
+  if name not in COMPUTE_DTYPES:
+    raise ValueError(f'compute_dtype={name!r}; allowed: {", ".join(COMPUTE_DTYPES)}')
+  return COMPUTE_DTYPES[name]
+
+
 def init_variables(model: nn.Module, rng: jax.Array, input_shape: tuple[int, ...]) -> dict:
   """Initialises ``{'params', 'batch_stats'}`` for NHWC inputs of ``input_shape``.
 
