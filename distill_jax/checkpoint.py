@@ -46,3 +46,19 @@ def latest_step(workdir: str) -> int | None:
     return None
   with ocp.CheckpointManager(checkpoint_dir(workdir)) as manager:
     return manager.latest_step()
+
+
+def restore_local(item_path: str) -> Any:
+  """Restores a saved pytree (a ``StandardSave`` item folder) onto this process's first
+  device, whatever mesh or number of hosts it was saved from."""
+  checkpointer = ocp.StandardCheckpointer()
+  tree = checkpointer.metadata(item_path).item_metadata.tree
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+  return checkpointer.restore(item_path, target)
+
+
+def item_path(workdir: str, step: int | None = None) -> str:
+  """The item folder of ``step`` (default: the latest) in a run's workdir."""
+  step = latest_step(workdir) if step is None else step
+  return os.path.join(checkpoint_dir(workdir), str(step), 'default')

@@ -30,6 +30,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from distill_jax import checkpoint as ckpt_lib
 from distill_jax import data as data_lib
 from distill_jax import figures
 from distill_jax import fisher as fisher_lib
@@ -186,8 +187,9 @@ class Pipeline:
       grown_config, grown_variables, history = grow_lib.grow_with_history(
           self.student_model, student_variables, **kwargs)
       if g.teacher_init == 'grown':
-        ocp.StandardCheckpointer().save(self.grown_variables_path(kind, seed), grown_variables)
-        ocp.StandardCheckpointer().wait_until_finished()
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(self.grown_variables_path(kind, seed), grown_variables)
+        checkpointer.wait_until_finished()
       shapes = models.param_shapes(models.create_model(**grown_config), _input_shape(self.config))
       _write_json(path, {'model': grown_config, 'history': history,
                          'num_params': models.count_params(shapes['params']),
@@ -198,7 +200,7 @@ class Pipeline:
   def teacher_initial_variables(self, kind: str, seed: int) -> dict | None:
     if self.config.growth.teacher_init != 'grown' or sweeps.is_done(self.teacher_dir(kind, seed)):
       return None
-    restored = ocp.StandardCheckpointer().restore(self.grown_variables_path(kind, seed))
+    restored = ckpt_lib.restore_local(self.grown_variables_path(kind, seed))
     return jax.tree.map(np.asarray, {'params': restored['params'],
                                      'batch_stats': restored['batch_stats']})
 

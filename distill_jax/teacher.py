@@ -9,7 +9,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
 from distill_jax import checkpoint as ckpt_lib
 from distill_jax import models
@@ -67,7 +66,7 @@ def load_teacher(model_config: dict, path: str, input_shape: tuple[int, ...], *,
   """
   model = models.create_model(**model_config, **({'dtype': dtype} if dtype is not None else {}))
   item = _checkpoint_item(path)
-  restored = ocp.StandardCheckpointer().restore(item)
+  restored = ckpt_lib.restore_local(item)
   variables = {'params': restored['params'], 'batch_stats': restored.get('batch_stats', {})}
   check_variables_match(models.param_shapes(model, input_shape), variables,
                         source=f'teacher checkpoint {item} (distill.teacher_model)')

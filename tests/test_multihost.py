@@ -1,0 +1,69 @@
+"""Two local processes x 2 CPU devices train like one process with 4, and resume."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+from conftest import CACHE_DIR, REPO
+from distill_jax import checkpoint as ckpt_lib
+
+ARGS = ['--config=configs/train.py:demo', '--config.model.widen_factor=1',
+        '--config.batch_size=32', '--config.eval_batch_size=120', '--config.log_every_steps=11',
+        '--config.checkpoint_every_steps=22']
+
+
+def _env(devices, **extra):
+  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+             JAX_COMPILATION_CACHE_DIR=CACHE_DIR, JAX_DISABLE_MOST_OPTIMIZATIONS='1',
+             TF_CPP_MIN_LOG_LEVEL='3', JAX_PLATFORMS='cpu')
+  env.update(extra)
+  return env
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _two_processes(workdir, epochs):
+  port = _free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, '-m', 'distill_jax.main', *ARGS, f'--config.num_epochs={epochs}',
+       f'--workdir={workdir}'], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+      env=_env(2, JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}', JAX_NUM_PROCESSES='2',
+               JAX_PROCESS_ID=str(i))) for i in range(2)]
+  outputs = [p.communicate(timeout=300)[0] for p in procs]
+  for p, out in zip(procs, outputs):
+    assert p.returncode == 0, out[-3000:]
+  return json.load(open(os.path.join(workdir, 'results.json')))
+
+
+def _restore(workdir):
+  return ckpt_lib.restore_local(ckpt_lib.item_path(workdir))
+
+
+def test_two_processes_match_one_and_resume(tmp_path):
+  multi, single = str(tmp_path / 'multi'), str(tmp_path / 'single')
+  results = _two_processes(multi, epochs=1)
+  assert results['num_processes'] == 2 and results['num_devices'] == 4
+  one = subprocess.run(
+      [sys.executable, '-m', 'distill_jax.main', *ARGS, '--config.num_epochs=1', f'--workdir={single}'],
+      cwd=REPO, env=_env(4), capture_output=True, text=True, timeout=300)
+  assert one.returncode == 0, one.stderr[-3000:]
+  a, b = _restore(multi), _restore(single)
+  assert int(a['step']) == int(b['step']) == 44
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-3, atol=2e-4),
+               (a['params'], a['batch_stats']), (b['params'], b['batch_stats']))
+  # Only process 0 writes the machine-readable outputs.
+  assert len(open(os.path.join(multi, 'metrics.jsonl')).readlines()) == len(
+      open(os.path.join(single, 'metrics.jsonl')).readlines())
+
+  resumed = _two_processes(multi, epochs=2)
+  assert resumed['resumed_from_step'] == 44 and resumed['steps'] == 88
+  assert int(_restore(multi)['step']) == 88
