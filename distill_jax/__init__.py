@@ -10,9 +10,14 @@ JAX (no TensorFlow, no Flax training machinery).
 
 import importlib
 
+from distill_jax.losses import (at_loss, attention_map, cross_entropy, distillation_loss,
+                                kd_loss)
+
 __version__ = '0.1.0'
 
-_SUBMODULES = ('losses', 'models', 'data', 'train', 'config_validation', 'checkpoint')
+_SUBMODULES = ('checkpoint', 'config_lib', 'data', 'figures', 'fisher', 'genotypes', 'grow',
+               'jobs', 'losses', 'models', 'optim', 'pipeline', 'search', 'steps', 'sweeps',
+               'teacher', 'train', 'validation')
 
 
 def __getattr__(name):
