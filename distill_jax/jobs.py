@@ -32,16 +32,17 @@ class _DropLibraryChatter:
 def setup_jax() -> None:
   """Multi-process start-up and the persistent compilation cache.
 
-  ``jax.distributed.initialize()`` runs when launched under SLURM, on a TPU pod or
-  with ``JAX_COORDINATOR_ADDRESS``/``JAX_NUM_PROCESSES``/``JAX_PROCESS_ID`` set; it
-  must precede every other JAX call.
+  ``jax.distributed.initialize()`` runs with ``JAX_COORDINATOR_ADDRESS`` /
+  ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` set (explicit), under SLURM with several
+  tasks, or with ``DISTILL_JAX_DISTRIBUTED=1`` (TPU pods: every worker runs the same
+  command and JAX finds its peers); it must precede every other JAX call.
   """
   if os.environ.get('JAX_COORDINATOR_ADDRESS'):
     jax.distributed.initialize(
         coordinator_address=os.environ['JAX_COORDINATOR_ADDRESS'],
         num_processes=int(os.environ['JAX_NUM_PROCESSES']),
         process_id=int(os.environ['JAX_PROCESS_ID']))
-  elif os.environ.get('SLURM_NTASKS', '1') != '1' or os.environ.get('TPU_WORKER_HOSTNAMES'):
+  elif os.environ.get('SLURM_NTASKS', '1') != '1' or os.environ.get('DISTILL_JAX_DISTRIBUTED') == '1':
     jax.distributed.initialize()
   logging.get_absl_handler().addFilter(_DropLibraryChatter())
   cache = os.environ.get('JAX_COMPILATION_CACHE_DIR') or os.path.join(

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Spread the independent runs of a sweep config over the GPUs of one machine: one shard
+# (every n-th run) per GPU, each process seeing only its own GPU. Resumable: run it again
+# after any failure; finished runs are skipped. The report is written at the end.
+#
+#   launch/local_gpus.sh configs/teacher_student.py /tmp/grid [extra --config.x=y flags]
+#   NUM_GPUS=4 launch/local_gpus.sh configs/teacher_student.py:demo /tmp/grid_demo
+set -euo pipefail
+config=${1:?usage: launch/local_gpus.sh CONFIG WORKDIR [FLAGS...]}
+workdir=${2:?usage: launch/local_gpus.sh CONFIG WORKDIR [FLAGS...]}
+shift 2
+num_gpus=${NUM_GPUS:-$(nvidia-smi --list-gpus 2>/dev/null | wc -l)}
+num_gpus=$(( num_gpus > 0 ? num_gpus : 1 ))
+cd "$(dirname "$0")/.."
+pids=()
+for (( i = 0; i < num_gpus; i++ )); do
+  CUDA_VISIBLE_DEVICES=$i python launch/sweep.py --config="$config" --workdir="$workdir" \
+      --shard="$i/$num_gpus" "$@" > "$workdir.shard$i.log" 2>&1 &
+  pids+=($!)
+done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+python launch/sweep.py --config="$config" --workdir="$workdir" --report_only "$@"
+exit $status
