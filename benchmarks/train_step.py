@@ -1,0 +1,102 @@
+r"""Images/s of the jitted train step: a student alone and a KD + AT student with its teacher.
+
+  python benchmarks/train_step.py --json /tmp/train_step.json
+  python benchmarks/train_step.py --pairs=wrn --batch=128 --repeats=20
+
+Pairs: ``wrn`` (WRN-16-2 student, WRN-40-2 teacher) and ``darts`` (DARTS_V1 10-cell,
+C=16 student; a teacher of the same genotype with every cell's channels scaled so it has
+about 2x the parameters). CIFAR-sized inputs (32x32x3), steady state after compilation
+(median over ``--repeats`` steps, each waited for), compile time separately, peak device
+memory where the backend reports it. The step is the trainer's own
+(``distill_jax.steps.train_step``: augmentation, forward, loss, backward, SGD update).
+"""
+
+import json
+import statistics
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from distill_jax import data as data_lib
+from distill_jax import models
+from distill_jax import steps as steps_lib
+
+flags.DEFINE_list('pairs', ['wrn', 'darts'], 'Student/teacher pairs to time.')
+flags.DEFINE_integer('batch', 128, 'Global batch size.')
+flags.DEFINE_integer('repeats', 10, 'Timed steps after compilation.')
+flags.DEFINE_string('json', '', 'Write the figures here as JSON.')
+FLAGS = flags.FLAGS
+
+PAIRS = {
+    'wrn': (dict(name='wrn', depth=16, widen_factor=2), dict(name='wrn', depth=40, widen_factor=2)),
+    # 2x the student's parameters: every cell's C scaled by ~1.42 (uniform growth).
+    'darts': (dict(name='darts', genotype='DARTS_V1', layers=10, init_channels=16),
+              dict(name='darts', genotype='DARTS_V1', layers=10, init_channels=16,
+                   cell_channels=(22, 22, 22, 46, 46, 46, 92, 92, 92, 92))),
+}
+
+
+def _time_steps(step, state, batch, teacher, repeats):
+  t0 = time.perf_counter()
+  state, metrics = step(state, batch, teacher)
+  jax.block_until_ready(metrics)
+  compile_s = time.perf_counter() - t0
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    state, metrics = step(state, batch, teacher)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - t0)
+  return compile_s, statistics.median(times)
+
+
+def measure_pair(pair, batch_size, repeats):
+  student_cfg, teacher_cfg = PAIRS[pair]
+  mesh = data_lib.make_mesh()
+  shape = (1, 32, 32, 3)
+  rng = np.random.default_rng(0)
+  batch = data_lib.shard_global_batch({
+      'image': rng.integers(0, 256, (batch_size, 32, 32, 3)).astype(np.uint8),
+      'label': rng.integers(0, 10, (batch_size,)).astype(np.int32)}, mesh)
+  result = {'pair': pair, 'batch': batch_size, 'devices': mesh.size}
+  for mode in ('student', 'kd_at'):
+    student = models.create_model(**student_cfg, num_classes=10)
+    teacher = models.create_model(**teacher_cfg, num_classes=10) if mode == 'kd_at' else None
+    tx = optax.sgd(0.1, momentum=0.9)
+    state = data_lib.replicate(steps_lib.create_train_state(
+        models.init_variables(student, jax.random.key(0), shape), tx, 0), mesh)
+    teacher_vars = (data_lib.replicate(models.init_variables(teacher, jax.random.key(1), shape), mesh)
+                    if teacher else None)
+    cfg = steps_lib.StepConfig(mean=data_lib.CIFAR_MEAN, std=data_lib.CIFAR_STD,
+                               method='kd_at' if teacher else 'none', beta=1e3)
+    train_step, _ = steps_lib.compile_steps(mesh=mesh, model=student, tx=tx,
+                                            schedule=optax.constant_schedule(0.1), cfg=cfg,
+                                            teacher_model=teacher)
+    compile_s, step_s = _time_steps(train_step, state, batch, teacher_vars, repeats)
+    result[f'{mode}_compile_s'] = compile_s
+    result[f'{mode}_step_s'] = step_s
+    result[f'{mode}_images_per_s'] = batch_size / step_s
+  stats = jax.devices()[0].memory_stats() or {}
+  if 'peak_bytes_in_use' in stats:
+    result['peak_device_bytes'] = stats['peak_bytes_in_use']
+  return result
+
+
+def main(argv):
+  del argv
+  results = [measure_pair(p, FLAGS.batch, FLAGS.repeats) for p in FLAGS.pairs]
+  for r in results:
+    print(json.dumps(r, indent=1))
+  if FLAGS.json:
+    with open(FLAGS.json, 'w') as f:
+      json.dump({'backend': jax.default_backend(), 'device': jax.devices()[0].device_kind,
+                 'pairs': results}, f, indent=2)
+
+
+if __name__ == '__main__':
+  app.run(main)
