@@ -1,0 +1,115 @@
+"""The darts_fisher pipeline end to end at tiny size: killed, resumed, finished, re-run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import CACHE_DIR, REPO, load_config
+from distill_jax import checkpoint as ckpt_lib
+from distill_jax import jobs
+from distill_jax import pipeline
+from distill_jax import validation
+
+OVERRIDES = {
+    'model.layers': 3, 'model.init_channels': 4, 'seeds': (0,), 'num_epochs': 1,
+    'growth.depth_layers': 4, 'fisher.num_batches': 1, 'fisher.batch_size': 32,
+    'checkpoint_every_steps': 5, 'log_every_steps': 11, 'num_devices': 1,
+}
+
+
+def tiny_config():
+  c = load_config('darts_fisher', 'demo')
+  for key, value in OVERRIDES.items():
+    *parents, leaf = key.split('.')
+    target = c
+    for p in parents:
+      target = target[p]
+    target[leaf] = value
+  return c
+
+
+def results_mtimes(workdir):
+  found = {}
+  for root, _, files in os.walk(workdir):
+    for name in files:
+      if name in ('results.json', 'grown.json') or root.endswith('fisher'):
+        found[os.path.join(root, name)] = os.path.getmtime(os.path.join(root, name))
+  return found
+
+
+def test_pipeline_killed_resumed_finished_and_rerun_does_nothing(tmp_path):
+  workdir = str(tmp_path / 'pipeline')
+  flags = [f'--config.{k}={v}' for k, v in OVERRIDES.items()]
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=CACHE_DIR, JAX_DISABLE_MOST_OPTIMIZATIONS='1',
+             TF_CPP_MIN_LOG_LEVEL='3')
+  proc = subprocess.Popen(
+      [sys.executable, '-m', 'distill_jax.main', '--config=configs/darts_fisher.py:demo',
+       f'--workdir={workdir}', *flags], cwd=REPO, env=env, stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True)
+  # Kill while the uniform teacher trains (stages 1-3 and the depth teacher are done).
+  marker = os.path.join(workdir, 'teachers', 'uniform', 'seed0', 'checkpoints')
+  deadline = time.time() + 400
+  while proc.poll() is None and time.time() < deadline and not (
+      os.path.isdir(marker) and any(n.isdigit() for n in os.listdir(marker))):
+    time.sleep(0.1)
+  proc.send_signal(signal.SIGKILL)
+  out, _ = proc.communicate()
+  assert proc.returncode == -signal.SIGKILL, out[-3000:]
+  student_results = os.path.join(workdir, 'student', 'seed0', 'results.json')
+  assert os.path.exists(student_results)
+  assert not os.path.exists(os.path.join(workdir, 'report.md'))
+  done_before = results_mtimes(workdir)
+  killed_step = ckpt_lib.latest_step(os.path.join(workdir, 'teachers', 'uniform', 'seed0'))
+
+  config = tiny_config()
+  report = jobs.darts_fisher(config, workdir)
+  # Finished stages were not redone; the killed teacher resumed from its checkpoint.
+  assert all(os.path.getmtime(p) == t for p, t in done_before.items())
+  teacher = json.load(open(os.path.join(workdir, 'teachers', 'uniform', 'seed0', 'results.json')))
+  assert teacher['resumed_from_step'] == killed_step
+
+  text = open(report).read()
+  for row in ('| N/A | DARTS_V1-3 |', '| DARTS_V1-4 | DARTS_V1-3 |', '| DARTS_V1-3-u | DARTS_V1-3 |',
+              '| DARTS_V1-3-f | DARTS_V1-3 |'):
+    assert row in text
+  assert 'Teacher params' in text and os.path.exists(os.path.join(workdir, 'report.csv'))
+  with open(os.path.join(workdir, 'attention.png'), 'rb') as f:
+    assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+  fisher = json.load(open(os.path.join(workdir, 'fisher', 'seed0.json')))
+  assert sorted(fisher['cell_totals']) == ['cell0/output', 'cell1/output', 'cell2/output']
+  assert all(v > 0 for v in fisher['cell_totals'].values())
+  for kind in ('uniform', 'fisher'):
+    grown = json.load(open(os.path.join(workdir, 'teachers', kind, 'seed0', 'grown.json')))
+    assert grown['num_params'] == pytest.approx(2.0 * grown['student_params'], rel=0.03)
+    assert grown['history']
+  depth = json.load(open(os.path.join(workdir, 'teachers', 'depth', 'seed0', 'grown.json')))
+  assert depth['model']['layers'] == 4
+
+  finished = results_mtimes(workdir)
+  jobs.darts_fisher(config, workdir)
+  assert results_mtimes(workdir) == finished
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('teachers', ('depth', 'wider'), "config.teachers has 'wider'; allowed: depth, uniform, fisher"),
+    ('growth.teacher_init', 'pretrained', 'allowed: scratch, grown'),
+    ('growth.target_param_ratio', 0.0, 'config.growth.target_param_ratio=0.0 is invalid: must be > 0'),
+    ('seeds', (), 'give at least one seed'),
+])
+def test_bad_pipeline_values(field, value, message, tmp_path):
+  config = tiny_config()
+  *parents, leaf = field.split('.')
+  target = config
+  for p in parents:
+    target = target[p]
+  target[leaf] = value
+  with pytest.raises(validation.ConfigError) as e:
+    jobs.darts_fisher(config, str(tmp_path))
+  assert message in str(e.value)
+  assert not os.listdir(tmp_path)
