@@ -58,12 +58,7 @@ def get_config(arg: str = ''):
   c.fisher.num_batches = 10        # Fisher is accumulated over this many training batches
   c.fisher.batch_size = 64
 
-  c.distill = ml_collections.ConfigDict()
-  c.distill.method = 'at'
-  c.distill.alpha = 0.9
-  c.distill.temperature = 4.0
-  c.distill.beta = 1e3
-  c.distill.at_form = 'released'
+  c.distill = config_lib.distill_section('at')
 
   c.figure = ml_collections.ConfigDict()
   c.figure.num_images = 4

@@ -38,12 +38,7 @@ def get_config(arg: str = ''):
   c.seeds = (0, 1, 2)
   c.demo_networks = False          # use config_lib.DEMO_NETWORKS stand-ins
   c.darts_drop_path_prob = 0.2
-  c.distill = ml_collections.ConfigDict()
-  c.distill.method = 'at'
-  c.distill.alpha = 0.9
-  c.distill.temperature = 4.0
-  c.distill.beta = 1e3
-  c.distill.at_form = 'released'
+  c.distill = config_lib.distill_section('at')
   if 'demo' in variants:
     c = config_lib.demo(c)
     c.demo_networks = True

@@ -84,6 +84,18 @@ def train_config() -> ml_collections.ConfigDict:
   return c
 
 
+def distill_section(method: str = 'at') -> ml_collections.ConfigDict:
+  """The distillation method and its weights (KD: Hinton et al. 2015; AT: Zagoruyko &
+  Komodakis 2016, β at the three stage outputs)."""
+  d = ml_collections.ConfigDict()
+  d.method = method                 # none | kd | at | kd_at | hard
+  d.alpha = 0.9                     # KD weight of the soft term
+  d.temperature = 4.0               # KD temperature T
+  d.beta = 1e3                      # attention-transfer weight
+  d.at_form = 'released'            # released (squared, mean) | l2 (the seed's Eq. 2)
+  return d
+
+
 def distill_fields(c: ml_collections.ConfigDict, *, teacher: str = 'wrn_40_2',
                    method: str = 'at') -> ml_collections.ConfigDict:
   """Adds the ``distill`` section: the method, its weights and the frozen teacher.
@@ -93,12 +105,7 @@ def distill_fields(c: ml_collections.ConfigDict, *, teacher: str = 'wrn_40_2',
   in ``WORKDIR/teacher`` with this config's recipe".
   """
   c.job = 'distill'
-  c.distill = ml_collections.ConfigDict()
-  c.distill.method = method         # none | kd | at | kd_at | hard
-  c.distill.alpha = 0.9             # KD weight of the soft term
-  c.distill.temperature = 4.0       # KD temperature T
-  c.distill.beta = 1e3              # attention-transfer weight
-  c.distill.at_form = 'released'    # released (squared, mean) | l2 (the seed's Eq. 2)
+  c.distill = distill_section(method)
   c.distill.teacher_model = network(teacher, num_classes=c.model.num_classes)
   c.distill.teacher_workdir = ''
   return c
