@@ -127,6 +127,17 @@ def demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
+def set_fields(c: ml_collections.ConfigDict, values: dict) -> ml_collections.ConfigDict:
+  """Sets dotted fields, e.g. ``{'model.layers': 5, 'seeds': (0,)}``; returns ``c``."""
+  for key, value in values.items():
+    *parents, leaf = key.split('.')
+    target = c
+    for part in parents:
+      target = target[part]
+    target[leaf] = value
+  return c
+
+
 def parse_variants(arg: str, allowed: tuple[str, ...], config_file: str) -> set[str]:
   """``'demo,densenet'`` -> {'demo', 'densenet'}; an unknown variant is a one-line error."""
   variants = set(filter(None, (arg or '').split(',')))

@@ -141,8 +141,17 @@ def darts_fisher(config: ml_collections.ConfigDict, workdir: str, *, mode: str =
   return runner.run()
 
 
+def darts_search(config: ml_collections.ConfigDict, workdir: str, *, mode: str = 'train') -> dict:
+  """The DARTS architecture search (see :mod:`distill_jax.search`); resumes from ``workdir``."""
+  from distill_jax import search  # pylint: disable=g-import-not-at-top
+  if mode == 'evaluate':
+    raise validation.ConfigError('--mode=evaluate is not available for config.job=darts_search; '
+                                 'the search writes its validation error to results.json')
+  return search.run_search(config, workdir)
+
+
 JOBS = {'train': train, 'distill': distill, 'teacher_student': teacher_student,
-        'darts_fisher': darts_fisher}
+        'darts_fisher': darts_fisher, 'darts_search': darts_search}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, mode: str = 'train') -> dict:

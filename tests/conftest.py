@@ -50,10 +50,5 @@ def tiny_train_config(**overrides):
   c.log_every_steps = 10
   c.checkpoint_every_steps = 20
   c.num_devices = 1
-  for key, value in overrides.items():
-    target = c
-    *parents, leaf = key.split('.')
-    for p in parents:
-      target = target[p]
-    target[leaf] = value
-  return c
+  from distill_jax.config_lib import set_fields  # pylint: disable=g-import-not-at-top
+  return set_fields(c, overrides)

@@ -1,5 +1,7 @@
 """Per-channel Fisher information: the vmap path against an example-by-example mask gradient."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,6 +31,7 @@ def _variables(model, seed=0):
   return {'params': variables['params'], 'batch_stats': stats}
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def _mask_gradients_one_example(model, variables, x, y):
   """g_c = dL/dm_c at m = 1 for one example, through a multiplicative channel mask.
 

@@ -14,6 +14,7 @@ from distill_jax import checkpoint as ckpt_lib
 from distill_jax import jobs
 from distill_jax import pipeline
 from distill_jax import validation
+from distill_jax.config_lib import set_fields
 
 OVERRIDES = {
     'model.layers': 3, 'model.init_channels': 4, 'seeds': (0,), 'num_epochs': 1,
@@ -23,14 +24,7 @@ OVERRIDES = {
 
 
 def tiny_config():
-  c = load_config('darts_fisher', 'demo')
-  for key, value in OVERRIDES.items():
-    *parents, leaf = key.split('.')
-    target = c
-    for p in parents:
-      target = target[p]
-    target[leaf] = value
-  return c
+  return set_fields(load_config('darts_fisher', 'demo'), OVERRIDES)
 
 
 def results_mtimes(workdir):
@@ -103,12 +97,7 @@ def test_pipeline_killed_resumed_finished_and_rerun_does_nothing(tmp_path):
     ('seeds', (), 'give at least one seed'),
 ])
 def test_bad_pipeline_values(field, value, message, tmp_path):
-  config = tiny_config()
-  *parents, leaf = field.split('.')
-  target = config
-  for p in parents:
-    target = target[p]
-  target[leaf] = value
+  config = set_fields(tiny_config(), {field: value})
   with pytest.raises(validation.ConfigError) as e:
     jobs.darts_fisher(config, str(tmp_path))
   assert message in str(e.value)

@@ -1,0 +1,326 @@
+"""DARTS search: supernet steps, genotype derivation, second-order gradients, resume, config.
+
+References: Liu, Simonyan & Yang, "DARTS: Differentiable Architecture Search" (ICLR 2019),
+sections 2.3-2.4, and the release's search recipe in FACTS.md. Tiny supernets only
+(CPU compile time dominates, TRAPS.md): 3 cells with C=4 through ``run_search``; a single
+normal cell (``layers=1, reductions=()``) where only the step's arithmetic matters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from conftest import load_config
+from distill_jax import checkpoint as ckpt_lib
+from distill_jax import data as data_lib
+from distill_jax import genotypes as G
+from distill_jax import models
+from distill_jax import search
+from distill_jax import validation
+from distill_jax.models.supernet import EDGES, edge_index
+
+
+@pytest.fixture(scope='module', autouse=True)
+def optimized_compiles():
+  """conftest turns most XLA optimisations off (quicker compiles of tiny models); for the
+  supernet that saves little compile time but makes every step ~15x slower, so this
+  module compiles with them and restores the setting afterwards."""
+  before = jax.config.read('jax_disable_most_optimizations')
+  jax.config.update('jax_disable_most_optimizations', False)
+  yield
+  jax.config.update('jax_disable_most_optimizations', before)
+
+
+def tiny_search_config(**overrides):
+  """configs/darts_search.py:demo shrunk: 3 cells, C=4, lax ops, one epoch of 44 steps."""
+  c = load_config('darts_search', 'demo')
+  c.model.layers = 3
+  c.model.init_channels = 4
+  c.model.impl = 'lax'     # compiles ~3x faster than the shifted-slice ops at this size
+  c.data.crop_padding = 1
+  c.num_epochs = 1
+  c.batch_size = 16        # 719 // 16 = 44 steps: enough for the running BN statistics
+  c.eval_batch_size = 360
+  c.log_every_steps = 20
+  c.checkpoint_every_steps = 20
+  c.num_devices = 1
+  for key, value in overrides.items():
+    target = c
+    *parents, leaf = key.split('.')
+    for p in parents:
+      target = target[p]
+    target[leaf] = value
+  return c
+
+
+def restore(workdir: str) -> dict:
+  with ocp.CheckpointManager(ckpt_lib.checkpoint_dir(workdir)) as manager:
+    return manager.restore(manager.latest_step())
+
+
+@pytest.fixture(scope='module')
+def searched(tmp_path_factory):
+  """One uninterrupted first-order search shared by several tests."""
+  workdir = str(tmp_path_factory.mktemp('search'))
+  config = tiny_search_config()
+  results = search.run_search(config, workdir)
+  return config, workdir, results
+
+
+# ---------------------------------------------------------------------------- end to end
+
+
+def test_search_changes_alphas_and_writes_a_buildable_genotype(searched):
+  config, workdir, results = searched
+  final = restore(workdir)
+  assert int(final['step']) == 44
+  start = search.initial_alphas(config.seed)
+  for kind in ('normal', 'reduce'):
+    assert final['alphas'][kind].shape == (14, 8)
+    assert np.abs(final['alphas'][kind] - start[kind]).max() > 1e-3
+  assert final['arch_opt_state']  # Adam's state is checkpointed with the alphas
+
+  loaded = G.load_genotype(os.path.join(workdir, 'genotype.json'))
+  assert loaded == search.derive_genotype(final['alphas'])
+  assert G.genotype_to_json(loaded) == results['genotype']
+  for cell in (loaded.normal, loaded.reduce):
+    assert len(cell) == 8 and all(op != 'none' for op, _ in cell)
+    for e, (_, inp) in enumerate(cell):
+      assert 0 <= inp < 2 + e // 2
+    for node in range(4):  # two distinct inputs per node
+      assert cell[2 * node][1] != cell[2 * node + 1][1]
+  assert loaded.normal_concat == loaded.reduce_concat == (2, 3, 4, 5)
+  model = models.create_model('darts', genotype=loaded, layers=5, init_channels=4, num_classes=10)
+  shapes = models.param_shapes(model, (1, 8, 8, 1))
+  assert models.count_params(shapes['params']) > 0
+
+  assert results['order'] == 1 and results['hessian'] is None
+  assert 0.0 <= results['val_top1_error'] < 0.8  # chance is 0.9
+  on_disk = json.load(open(os.path.join(workdir, 'results.json')))
+  assert on_disk['genotype'] == results['genotype']
+  assert on_disk['val_top1_error'] == results['val_top1_error']
+  rows = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+  train_rows = [r for r in rows if 'train_loss' in r]
+  assert {'search_val_loss', 'search_val_top1_error', 'train_top1_error', 'grad_norm',
+          'arch_grad_norm', 'learning_rate', 'param_norm'} <= set(train_rows[0])
+  assert train_rows[-1]['train_loss'] < train_rows[0]['train_loss']
+  assert any('val_top1_error' in r for r in rows)
+  history = [json.loads(line) for line in open(os.path.join(workdir, 'genotypes.jsonl'))]
+  assert len(history) == 1 and history[0]['genotype'] == results['genotype']
+  for name in ('alphas.png', 'normal_cell.png', 'reduce_cell.png'):
+    with open(os.path.join(workdir, name), 'rb') as f:
+      assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+  assert any(f.startswith('events.out.tfevents') for f in os.listdir(workdir))
+
+
+class Interrupted(Exception):
+  pass
+
+
+def test_resumed_search_equals_uninterrupted(searched, tmp_path, monkeypatch):
+  config, uninterrupted, results = searched
+  workdir = str(tmp_path / 'resumed')
+  real = search.compile_search_steps
+
+  def stops_after_step_25(cfg, mesh):
+    step, evaluate = real(cfg, mesh)
+
+    def guarded(state, train_batch, val_batch):
+      if int(jax.device_get(state.step)) == 25:
+        raise Interrupted()
+      return step(state, train_batch, val_batch)
+
+    return guarded, evaluate
+
+  monkeypatch.setattr(search, 'compile_search_steps', stops_after_step_25)
+  with pytest.raises(Interrupted):
+    search.run_search(config, workdir)
+  assert ckpt_lib.latest_step(workdir) == 20
+  monkeypatch.undo()
+
+  resumed = search.run_search(config, workdir)
+  assert resumed['resumed_from_step'] == 20
+  a, b = restore(uninterrupted), restore(workdir)
+  assert int(a['step']) == int(b['step']) == 44
+  jax.tree.map(np.testing.assert_array_equal, a, b)  # weights, alphas, both optimisers, rng
+  assert resumed['genotype'] == results['genotype']
+  assert resumed['val_top1_error'] == results['val_top1_error']
+
+
+# ---------------------------------------------------------------------------- genotype
+
+
+def test_derivation_keeps_two_strongest_non_none_edges_per_node():
+  idx = {p: i for i, p in enumerate(G.PRIMITIVES)}
+  alphas = {k: np.zeros((14, 8)) for k in ('normal', 'reduce')}
+  a = alphas['normal']
+  # Node 0: input 1 via sep_conv_3x3 beats input 0 via skip_connect; both are kept.
+  a[edge_index(0, 0), idx['skip_connect']] = 2.0
+  a[edge_index(0, 1), idx['sep_conv_3x3']] = 3.0
+  # Node 1: 'none' dominates the edge from input 2, so after the softmax its best real op
+  # is weak; the edges from inputs 0 and 1 win (input 1 first: larger weight).
+  a[edge_index(1, 2), idx['none']] = 6.0
+  a[edge_index(1, 2), idx['dil_conv_5x5']] = 3.0
+  a[edge_index(1, 0), idx['max_pool_3x3']] = 1.0
+  a[edge_index(1, 1), idx['avg_pool_3x3']] = 1.5
+  # Node 2: all edges uniform except the one from node 1 (input 3); the tie between the
+  # other edges goes to the earliest input, and the op tie to the first non-none primitive.
+  a[edge_index(2, 3), idx['dil_conv_3x3']] = 1.0
+  # Node 3: input 4 and input 2.
+  a[edge_index(3, 4), idx['sep_conv_5x5']] = 4.0
+  a[edge_index(3, 2), idx['skip_connect']] = 2.5
+  a[edge_index(3, 0), idx['none']] = 9.0
+  r = alphas['reduce']
+  for e, (node, inp) in enumerate(EDGES):
+    r[e, idx['max_pool_3x3']] = 1.0 + 0.1 * inp  # later inputs stronger
+  g = search.derive_genotype(alphas)
+  assert g.normal == (
+      ('sep_conv_3x3', 1), ('skip_connect', 0),
+      ('avg_pool_3x3', 1), ('max_pool_3x3', 0),
+      ('dil_conv_3x3', 3), ('max_pool_3x3', 0),
+      ('sep_conv_5x5', 4), ('skip_connect', 2))
+  assert g.reduce == (
+      ('max_pool_3x3', 1), ('max_pool_3x3', 0),
+      ('max_pool_3x3', 2), ('max_pool_3x3', 1),
+      ('max_pool_3x3', 3), ('max_pool_3x3', 2),
+      ('max_pool_3x3', 4), ('max_pool_3x3', 3))
+  assert g.normal_concat == g.reduce_concat == (2, 3, 4, 5)
+  # Uniform alphas (the start of a search): first non-none op, inputs 0 and 1.
+  g0 = search.derive_genotype({k: np.zeros((14, 8)) for k in ('normal', 'reduce')})
+  assert g0.normal[:2] == (('max_pool_3x3', 0), ('max_pool_3x3', 1))
+  assert G.validate_genotype(g0) == g0
+
+
+# ---------------------------------------------------------------------------- gradients
+
+
+def single_cell(**kw) -> search.SearchConfig:
+  """A supernet of one normal cell: the search arithmetic at the least compile time."""
+  base = dict(mean=(0.3,), std=(0.3,), layers=1, reductions=(), init_channels=4, impl='lax',
+              crop_padding=0, flip=False)
+  return search.SearchConfig(**{**base, **kw})
+
+
+def test_exact_second_order_gradient_agrees_with_finite_differences():
+  with jax.enable_x64(True):
+    base = dict(init_channels=2, dtype='float64', order=2)
+    cfg = single_cell(hessian='exact', **base)
+    state = search.create_search_state(cfg, 0, (1, 8, 8, 1))
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(jnp.asarray, state.params)
+    # A non-zero momentum buffer (one SGD update with random gradients) and peaked alphas.
+    noise = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape)), params)
+    _, opt_state = search.weight_optimizer(cfg).update(noise, state.opt_state, params)
+    assert search.momentum_buffer(opt_state, params) is not None
+    alphas = jax.tree.map(lambda a: jnp.asarray(a) * 300.0, state.alphas)
+    train = (jnp.asarray(rng.normal(size=(8, 8, 8, 1))), jnp.asarray(rng.integers(0, 10, 8)))
+    val = (jnp.asarray(rng.normal(size=(8, 8, 8, 1))), jnp.asarray(rng.integers(0, 10, 8)))
+    xi = jnp.asarray(0.5)
+    # eps * ||v|| = 1e-7: small enough that no ReLU changes sign between w- and w+ (the
+    # training gradient is only piecewise smooth in w), large enough for float64.
+    configs = {'exact': cfg,
+               'fd': single_cell(hessian='finite_difference', fd_epsilon=1e-7, **base),
+               'first': single_cell(**{**base, 'order': 1})}
+
+    @jax.jit
+    def gradients(params, batch_stats, opt_state, alphas):
+      return {k: search.arch_gradient(c, params, batch_stats, opt_state, alphas, train, val, xi)
+              for k, c in configs.items()}
+
+    g = gradients(params, state.batch_stats, opt_state, alphas)
+  flat = {k: np.concatenate([np.ravel(v['normal']), np.ravel(v['reduce'])]) for k, v in g.items()}
+  assert flat['exact'].dtype == np.float64
+  scale = np.abs(flat['exact']).max()
+  assert scale > 0
+  np.testing.assert_allclose(flat['fd'], flat['exact'], rtol=1e-5, atol=1e-6 * scale)
+  # The second-order terms matter here: the first-order gradient is far from both.
+  assert np.linalg.norm(flat['first'] - flat['exact']) > 0.1 * np.linalg.norm(flat['exact'])
+
+
+@pytest.fixture(scope='module')
+def fixed_batch():
+  dataset = data_lib.load_dataset('digits')
+  n = 32
+  return {'image': jnp.asarray(dataset.train_images[:n]),
+          'label': jnp.asarray(dataset.train_labels[:n]), 'mask': jnp.ones((n,), jnp.float32)}
+
+
+@pytest.mark.parametrize('order, hessian', [(1, 'exact'), (2, 'exact'), (2, 'finite_difference')])
+def test_search_steps_reduce_the_validation_loss(fixed_batch, order, hessian):
+  cfg = single_cell(order=order, hessian=hessian, learning_rate=0.1, schedule='constant',
+                    arch_learning_rate=0.03)
+  mesh = data_lib.make_mesh(1)
+  state = data_lib.replicate(search.create_search_state(cfg, 0, (1, 8, 8, 1)), mesh)
+  alphas0 = jax.device_get(state.alphas)
+  losses_at = jax.jit(lambda s, alphas: search.Losses(cfg.model(), s.batch_stats).loss(
+      s.params, alphas, data_lib.normalize(fixed_batch['image'], cfg.mean, cfg.std),
+      fixed_batch['label'])[0])
+  before = float(losses_at(state, state.alphas))
+  step, _ = search.compile_search_steps(cfg, mesh)
+  for _ in range(10):  # the training batch is the validation batch
+    state, metrics = step(state, fixed_batch, fixed_batch)
+    assert np.isfinite(float(metrics['train_loss']))
+  after = float(losses_at(state, state.alphas))
+  assert after < 0.75 * before, (before, after)
+  # The architecture steps help too: the final weights prefer the final alphas.
+  assert after < float(losses_at(state, alphas0)) - 0.05
+
+
+# ---------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('order', 3, 'config.order=3 is invalid: allowed: 1, 2'),
+    ('order', 0, 'config.order=0 is invalid'),
+    ('hessian', 'newton', "config.hessian='newton' is invalid: allowed: exact, finite_difference"),
+    ('optimizer.learning_rate', 0.0, 'config.optimizer.learning_rate=0.0 is invalid: must be > 0'),
+    ('arch.learning_rate', -3e-4, 'config.arch.learning_rate=-0.0003 is invalid: must be > 0'),
+    ('arch.weight_decay', -1.0, 'must be >= 0'),
+    ('arch.b1', 1.0, 'config.arch.b1=1.0 is invalid: must be in [0, 1)'),
+    ('arch.fd_epsilon', 0.0, 'config.arch.fd_epsilon=0.0 is invalid: must be > 0'),
+    ('model.layers', 2, 'config.model.layers=2 is invalid: must be an integer >= 3'),
+    ('model.init_channels', 1, 'must be an integer >= 2'),
+    ('model.num_classes', 100, "dataset 'digits' has 10 classes"),
+    ('model.impl', 'cuda', "allowed: '' (the darts_ops default), fast, lax"),
+    ('data.validation_fraction', 0.0, 'must be in (0, 1)'),
+    ('data.name', 'mnist', 'allowed: cifar10, cifar100, digits'),
+    ('optimizer.schedule', 'multistep', 'allowed: constant, cosine'),
+    ('batch_size', 0, 'config.batch_size=0 is invalid'),
+])
+def test_bad_values_fail_with_one_line(field, value, message, tmp_path):
+  config = tiny_search_config(**{field: value})
+  with pytest.raises(validation.ConfigError) as e:
+    search.run_search(config, str(tmp_path / 'w'))
+  assert message in str(e.value) and '\n' not in str(e.value)
+  assert not os.path.exists(tmp_path / 'w')  # nothing computed or written
+
+
+def test_batch_larger_than_a_half_is_a_config_error(tmp_path):
+  config = tiny_search_config(batch_size=720)
+  with pytest.raises(validation.ConfigError, match=r'config.batch_size=720 is invalid: the halves '
+                     r'have only 719 \(weights\) and 718 \(alphas\) examples'):
+    search.run_search(config, str(tmp_path))
+
+
+def test_configs_file_defaults_and_variants():
+  full = load_config('darts_search')
+  assert full.job == 'darts_search' and full.order == 2 and full.hessian == 'exact'
+  assert (full.model.layers, full.model.init_channels) == (8, 16)
+  assert (full.batch_size, full.num_epochs) == (64, 50)
+  assert full.data.name == 'cifar10' and full.data.validation_fraction == 0.5
+  assert (full.optimizer.learning_rate, full.optimizer.final_learning_rate) == (0.025, 0.001)
+  assert (full.arch.learning_rate, full.arch.b1, full.arch.b2, full.arch.weight_decay) == (
+      3e-4, 0.5, 0.999, 1e-3)
+  search.validate_search_config(full)
+  demo = load_config('darts_search', 'demo')
+  assert demo.order == 1 and demo.data.name == 'digits'
+  search.validate_search_config(demo)
+  assert load_config('darts_search', 'demo,second_order').order == 2
+  assert load_config('darts_search', 'first_order').order == 1
