@@ -5,8 +5,9 @@ of one compiled :func:`distill_jax.search.search_step` for ``order=1``,
 ``order=2, hessian='exact'`` and ``order=2, hessian='finite_difference'``, and of a plain
 supernet forward + backward pass (the gradient in weights and alphas of the training
 loss: the unit of work the search steps are made of; first order costs two of them).
-Each timing is the median of ``--repeats`` calls after the first (compiling) call;
-compile times are reported too. Prints a table and writes JSON with the ratios
+Everything is compiled and called once first; then ``--repeats`` rounds call each
+variant once in turn (so that load from other processes hits all alike), and each
+timing is the median of its rounds. Compile times are reported too. Prints a table and writes JSON with the ratios
 ``second_over_first_order`` (the DARTS paper's second-order search costs about 2-3
 first-order steps; target here <= 3) and ``fd_over_first_order``.
 
@@ -26,6 +27,7 @@ import os
 import platform
 import statistics
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -41,53 +43,44 @@ def _batch(rng: np.random.Generator, batch: int, image: int, channels: int, clas
           'mask': jnp.ones((batch,), jnp.float32)}
 
 
-def _time(fn, args_fn, repeats: int) -> tuple[float, list[float]]:
-  """(first call seconds incl. compile, steady-state seconds of ``repeats`` later calls)."""
-  t = time.perf_counter()
-  jax.block_until_ready(fn(*args_fn()))
-  first = time.perf_counter() - t
-  times = []
-  for _ in range(repeats):
-    args = args_fn()
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return first, times
-
-
-def bench_search_step(base: dict, variant: dict, batches: tuple, repeats: int) -> dict:
+def prepare_search_step(base: dict, variant: dict, batches: tuple) -> tuple[float, Callable]:
+  """(compile seconds, a zero-argument callable running one step and waiting for it)."""
   cfg = search.SearchConfig(**base, **variant)
   mesh = data_lib.make_mesh(1)
-  state = data_lib.replicate(search.create_search_state(cfg, 0, (1, *batches[2])), mesh)
+  holder = {'state': data_lib.replicate(search.create_search_state(cfg, 0, (1, *batches[2])),
+                                        mesh)}
   step, _ = search.compile_search_steps(cfg, mesh)
   t = time.perf_counter()
-  compiled = step.lower(state, batches[0], batches[1]).compile()
+  compiled = step.lower(holder['state'], batches[0], batches[1]).compile()
   compile_s = time.perf_counter() - t
-  holder = {'state': state}
 
-  def run(train, val):
-    holder['state'], metrics = compiled(holder['state'], train, val)
-    return metrics
+  def run():
+    holder['state'], metrics = compiled(holder['state'], batches[0], batches[1])
+    jax.block_until_ready(metrics)
 
-  _, times = _time(run, lambda: (batches[0], batches[1]), repeats)
-  return {'compile_s': compile_s, 'median_s': statistics.median(times), 'times_s': times}
+  run()  # the first call (allocation, warm-up) is not timed
+  return compile_s, run
 
 
-def bench_forward_backward(base: dict, batches: tuple, repeats: int) -> dict:
+def prepare_forward_backward(base: dict, batches: tuple) -> tuple[float, Callable]:
+  """The gradient of the training loss in weights and alphas (train-mode BN)."""
   cfg = search.SearchConfig(**base, order=1)
   state = search.create_search_state(cfg, 0, (1, *batches[2]))
   losses = search.Losses(cfg.model(), jax.tree.map(jnp.asarray, state.batch_stats))
   images = data_lib.normalize(batches[0]['image'], cfg.mean, cfg.std)
-  labels = batches[0]['label']
   fn = jax.jit(lambda p, a, x, y: {k: v for k, v in losses.grads(p, a, x, y).items()
                                    if k in ('loss', 'gw', 'ga')})
   args = (jax.tree.map(jnp.asarray, state.params), jax.tree.map(jnp.asarray, state.alphas),
-          images, labels)
+          images, batches[0]['label'])
   t = time.perf_counter()
   compiled = fn.lower(*args).compile()
   compile_s = time.perf_counter() - t
-  _, times = _time(compiled, lambda: args, repeats)
-  return {'compile_s': compile_s, 'median_s': statistics.median(times), 'times_s': times}
+
+  def run():
+    jax.block_until_ready(compiled(*args))
+
+  run()
+  return compile_s, run
 
 
 def main() -> None:
@@ -114,21 +107,28 @@ def main() -> None:
   base = dict(mean=(0.5,) * args.image_channels, std=(0.25,) * args.image_channels,
               layers=args.layers, init_channels=args.channels, impl=args.impl,
               reuse_train_grad=not args.no_reuse)
-  runs = {
-      'fwd_bwd': lambda: bench_forward_backward(base, batches, args.repeats),
-      'first_order': lambda: bench_search_step(base, dict(order=1), batches, args.repeats),
-      'second_order_exact': lambda: bench_search_step(
-          base, dict(order=2, hessian='exact'), batches, args.repeats),
-      'second_order_fd': lambda: bench_search_step(
-          base, dict(order=2, hessian='finite_difference'), batches, args.repeats),
+  prepare = {
+      'fwd_bwd': lambda: prepare_forward_backward(base, batches),
+      'first_order': lambda: prepare_search_step(base, dict(order=1), batches),
+      'second_order_exact': lambda: prepare_search_step(
+          base, dict(order=2, hessian='exact'), batches),
+      'second_order_fd': lambda: prepare_search_step(
+          base, dict(order=2, hessian='finite_difference'), batches),
   }
-  only = [x for x in args.only.split(',') if x] or list(runs)
-  results = {}
+  only = [x for x in args.only.split(',') if x] or list(prepare)
+  compiled = {}
   for name in only:
-    results[name] = runs[name]()
-    r = results[name]
-    print(f'{name:20s} compile {r["compile_s"]:7.1f} s   step {1e3 * r["median_s"]:8.1f} ms '
-          f'(median of {args.repeats})', flush=True)
+    compiled[name] = prepare[name]()
+    print(f'{name:20s} compiled in {compiled[name][0]:6.1f} s', flush=True)
+  # Round-robin repeats, so that load from other processes hits every variant alike.
+  times = {name: [] for name in only}
+  for _ in range(args.repeats):
+    for name in only:
+      t = time.perf_counter()
+      compiled[name][1]()
+      times[name].append(time.perf_counter() - t)
+  results = {name: {'compile_s': compiled[name][0], 'median_s': statistics.median(times[name]),
+                    'times_s': times[name]} for name in only}
 
   out = {'settings': {**{k: v for k, v in vars(args).items() if k != 'json'},
                       'devices': str(jax.devices()[0].device_kind),

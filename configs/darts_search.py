@@ -13,26 +13,27 @@ approximation). Writes ``genotype.json`` every epoch, ``alphas.png``,
   python -m distill_jax.main --config=configs/darts_search.py --workdir=/tmp/darts_search \
       --config.data.data_dir=~/tensorflow_datasets
 
-Expected: the paper reports the search at 1 GPU-day (first order 1.5 GPU-days ... in
-their accounting: second order 4 GPU-days on a 1080Ti for 4 runs, first order 1.5), here
-roughly a day on one modern GPU for second order, half of that for first order;
-the derived cells, trained from scratch as the evaluation network (20 cells, C=36,
-600 epochs, ``configs/train.py`` with ``model.genotype=WORKDIR/genotype.json``), give
-about 2.76% (second order) / 3.00% (first order) CIFAR-10 test error. The search's own
-validation error of the supernet ends near 10-12%; the genotype varies from seed to seed
-(the paper picks the best of 4 searches by a short evaluation).
+Expected result: the derived cells, trained from scratch as the evaluation network (20
+cells, C=36, 600 epochs: ``configs/darts_eval.py`` with
+``--config.model.genotype=WORKDIR/genotype.json``), give about 2.76 +- 0.09% (second
+order) / 3.00 +- 0.14% (first order) CIFAR-10 test error in the paper, whose cells were
+the best of four searches after a short evaluation; the genotype varies with the seed. Expected runtime: not
+measured here (no GPU); the paper reports search costs of about 4 (second order) and 1.5
+(first order) GPU-days on GTX 1080Ti cards (quoted from the paper, not verified).
+Per step, second order costs 1.7-2x first order here (``benchmarks/darts_search.py``).
+On 2 CPU cores a full-size step takes minutes: use an accelerator.
 
 Variants (comma-separated after the colon):
   :first_order   ``order=1`` (DARTS first order, "DARTS_V1"; about 2x cheaper per step).
   :second_order  ``order=2`` (the default for the full search; opt-in for the demo).
-  :demo          the embedded digits (8x8x1), a 5-cell supernet with C=4, first order,
-                 3 epochs of 22 steps (batch 32): about a minute on 2 CPU cores
-                 (most of it compiling), ending near 20-35% supernet validation error and
-                 a valid (but, after so few steps, arbitrary) genotype.
+  :demo          the embedded digits (8x8x1), a 5-cell supernet with C=4 (lax ops),
+                 first order, 3 epochs of 22 steps (batch 32): about 1-1.5 minutes on 2
+                 CPU cores (~25 s of it compiling), ending near 22% supernet validation
+                 error (eval-mode BN) and a valid, after so few steps arbitrary, genotype.
 
   python -m distill_jax.main --config=configs/darts_search.py:demo --workdir=/tmp/search_demo
   python -m distill_jax.main --config=configs/darts_search.py:demo,second_order \
-      --workdir=/tmp/search_demo2     # second order on CPU: about 2-3x longer
+      --workdir=/tmp/search_demo2     # second order (exact): about 1.5-2 minutes
 
 Any field can be overridden, e.g. ``--config.model.layers=5 --config.order=1``.
 """

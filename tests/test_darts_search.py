@@ -19,6 +19,7 @@ import pytest
 
 from conftest import load_config
 from distill_jax import checkpoint as ckpt_lib
+from distill_jax import config_lib
 from distill_jax import data as data_lib
 from distill_jax import genotypes as G
 from distill_jax import models
@@ -51,13 +52,7 @@ def tiny_search_config(**overrides):
   c.log_every_steps = 20
   c.checkpoint_every_steps = 20
   c.num_devices = 1
-  for key, value in overrides.items():
-    target = c
-    *parents, leaf = key.split('.')
-    for p in parents:
-      target = target[p]
-    target[leaf] = value
-  return c
+  return config_lib.set_fields(c, overrides)
 
 
 def restore(workdir: str) -> dict:
@@ -209,39 +204,46 @@ def single_cell(**kw) -> search.SearchConfig:
 
 
 def test_exact_second_order_gradient_agrees_with_finite_differences():
-  with jax.enable_x64(True):
-    base = dict(init_channels=2, dtype='float64', order=2)
-    cfg = single_cell(hessian='exact', **base)
-    state = search.create_search_state(cfg, 0, (1, 8, 8, 1))
-    rng = np.random.default_rng(0)
-    params = jax.tree.map(jnp.asarray, state.params)
-    # A non-zero momentum buffer (one SGD update with random gradients) and peaked alphas.
-    noise = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape)), params)
-    _, opt_state = search.weight_optimizer(cfg).update(noise, state.opt_state, params)
-    assert search.momentum_buffer(opt_state, params) is not None
-    alphas = jax.tree.map(lambda a: jnp.asarray(a) * 300.0, state.alphas)
-    train = (jnp.asarray(rng.normal(size=(8, 8, 8, 1))), jnp.asarray(rng.integers(0, 10, 8)))
-    val = (jnp.asarray(rng.normal(size=(8, 8, 8, 1))), jnp.asarray(rng.integers(0, 10, 8)))
-    xi = jnp.asarray(0.5)
-    # eps * ||v|| = 1e-7: small enough that no ReLU changes sign between w- and w+ (the
-    # training gradient is only piecewise smooth in w), large enough for float64.
-    configs = {'exact': cfg,
-               'fd': single_cell(hessian='finite_difference', fd_epsilon=1e-7, **base),
-               'first': single_cell(**{**base, 'order': 1})}
+  before = jax.config.read('jax_disable_most_optimizations')
+  jax.config.update('jax_disable_most_optimizations', True)  # one call: compile time matters
+  try:
+    with jax.enable_x64(True):
+      base = dict(init_channels=2, dtype='float64', order=2)
+      cfg = single_cell(hessian='exact', **base)
+      state = search.create_search_state(cfg, 0, (1, 8, 8, 1))
+      rng = np.random.default_rng(0)
+      params = jax.tree.map(jnp.asarray, state.params)
+      # A non-zero momentum buffer (one SGD update with random gradients), peaked alphas.
+      noise = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape)), params)
+      _, opt_state = search.weight_optimizer(cfg).update(noise, state.opt_state, params)
+      alphas = jax.tree.map(lambda a: jnp.asarray(a) * 300.0, state.alphas)
+      train = (jnp.asarray(rng.normal(size=(8, 8, 8, 1))), jnp.asarray(rng.integers(0, 10, 8)))
+      val = (jnp.asarray(rng.normal(size=(8, 8, 8, 1))), jnp.asarray(rng.integers(0, 10, 8)))
+      # eps * ||v|| = 1e-7: small enough that no ReLU changes sign between w- and w+ (the
+      # training gradient is only piecewise smooth in w), large enough for float64.
+      fd_cfg = single_cell(hessian='finite_difference', fd_epsilon=1e-7, **base)
 
-    @jax.jit
-    def gradients(params, batch_stats, opt_state, alphas):
-      return {k: search.arch_gradient(c, params, batch_stats, opt_state, alphas, train, val, xi)
-              for k, c in configs.items()}
+      @jax.jit
+      def gradients(params, batch_stats, opt_state, alphas, xi):
+        return {k: search.arch_gradient(c, params, batch_stats, opt_state, alphas, train, val, xi)
+                for k, c in (('exact', cfg), ('fd', fd_cfg))}
 
-    g = gradients(params, state.batch_stats, opt_state, alphas)
-  flat = {k: np.concatenate([np.ravel(v['normal']), np.ravel(v['reduce'])]) for k, v in g.items()}
-  assert flat['exact'].dtype == np.float64
-  scale = np.abs(flat['exact']).max()
-  assert scale > 0
-  np.testing.assert_allclose(flat['fd'], flat['exact'], rtol=1e-5, atol=1e-6 * scale)
-  # The second-order terms matter here: the first-order gradient is far from both.
-  assert np.linalg.norm(flat['first'] - flat['exact']) > 0.1 * np.linalg.norm(flat['exact'])
+      args = (params, state.batch_stats, opt_state, alphas)
+      g = gradients(*args, jnp.asarray(0.5))
+      # xi = 0: no virtual step, both are the first-order gradient grad_alpha L_val(w, alpha).
+      g0 = gradients(*args, jnp.asarray(0.0))
+  finally:
+    jax.config.update('jax_disable_most_optimizations', before)
+
+  def flat(tree):
+    return np.concatenate([np.ravel(tree['normal']), np.ravel(tree['reduce'])])
+
+  exact, fd, first = flat(g['exact']), flat(g['fd']), flat(g0['exact'])
+  assert exact.dtype == np.float64 and np.abs(exact).max() > 0
+  np.testing.assert_allclose(fd, exact, rtol=1e-5, atol=1e-6 * np.abs(exact).max())
+  np.testing.assert_allclose(flat(g0['fd']), first, rtol=1e-9, atol=1e-12)
+  # The second-order terms matter here: the first-order gradient is far from the exact one.
+  assert np.linalg.norm(first - exact) > 0.1 * np.linalg.norm(exact)
 
 
 @pytest.fixture(scope='module')
@@ -252,25 +254,31 @@ def fixed_batch():
           'label': jnp.asarray(dataset.train_labels[:n]), 'mask': jnp.ones((n,), jnp.float32)}
 
 
+@pytest.fixture(scope='module')
+def single_cell_loss(fixed_batch):
+  """``L(w, alpha)`` (train-mode BN) of the single-cell supernet on the fixed batch."""
+  cfg = single_cell()
+  images = data_lib.normalize(fixed_batch['image'], cfg.mean, cfg.std)
+  return jax.jit(lambda s, alphas: search.Losses(cfg.model(), s.batch_stats).loss(
+      s.params, alphas, images, fixed_batch['label'])[0])
+
+
 @pytest.mark.parametrize('order, hessian', [(1, 'exact'), (2, 'exact'), (2, 'finite_difference')])
-def test_search_steps_reduce_the_validation_loss(fixed_batch, order, hessian):
+def test_search_steps_reduce_the_validation_loss(fixed_batch, single_cell_loss, order, hessian):
   cfg = single_cell(order=order, hessian=hessian, learning_rate=0.1, schedule='constant',
                     arch_learning_rate=0.03)
   mesh = data_lib.make_mesh(1)
   state = data_lib.replicate(search.create_search_state(cfg, 0, (1, 8, 8, 1)), mesh)
   alphas0 = jax.device_get(state.alphas)
-  losses_at = jax.jit(lambda s, alphas: search.Losses(cfg.model(), s.batch_stats).loss(
-      s.params, alphas, data_lib.normalize(fixed_batch['image'], cfg.mean, cfg.std),
-      fixed_batch['label'])[0])
-  before = float(losses_at(state, state.alphas))
+  before = float(single_cell_loss(state, state.alphas))
   step, _ = search.compile_search_steps(cfg, mesh)
   for _ in range(10):  # the training batch is the validation batch
     state, metrics = step(state, fixed_batch, fixed_batch)
     assert np.isfinite(float(metrics['train_loss']))
-  after = float(losses_at(state, state.alphas))
+  after = float(single_cell_loss(state, state.alphas))
   assert after < 0.75 * before, (before, after)
   # The architecture steps help too: the final weights prefer the final alphas.
-  assert after < float(losses_at(state, alphas0)) - 0.05
+  assert after < float(single_cell_loss(state, alphas0)) - 0.05
 
 
 # ---------------------------------------------------------------------------- config

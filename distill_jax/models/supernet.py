@@ -35,9 +35,11 @@ it dominates short searches (TRAPS.md). So each cell runs its mixed operations a
 s1, n0, .., n3]`` (reading ``states[input]``, adding into ``states[node]``), a reduction
 cell scans its 8 strided edges from the two inputs, then its 6 edges between nodes. The
 program then holds one mixed operation per normal cell and two per reduction cell
-(instead of 14): for 5 cells, C=4, the forward and backward pass compiled in ~36 s
-instead of ~112 s with one ``vmap`` per group of same-input edges, at the same step
-time. Parameters are stacked on a leading edge axis (``cell{i}/edges`` in alpha-row
+(instead of 14): for 5 cells, C=4, batch 32, the forward and backward pass compiled in
+~36 s instead of ~112 s with one ``vmap`` per group of same-input edges (shifted-slice
+ops, a loaded 2-core CPU), at the same step time. ``impl='lax'`` compiles another
+~2-3x faster but steps ~3x slower at C=8 (``benchmarks/darts_search.py``): right for
+tests and demos, not for long searches on CPU. Parameters are stacked on a leading edge axis (``cell{i}/edges`` in alpha-row
 order; ``input_edges`` and ``node_edges``, rows :data:`INPUT_EDGES` and
 :data:`NODE_EDGES`, in a reduction cell).
 
