@@ -17,10 +17,9 @@ Expected result: the derived cells, trained from scratch as the evaluation netwo
 cells, C=36, 600 epochs: ``configs/darts_eval.py`` with
 ``--config.model.genotype=WORKDIR/genotype.json``), give about 2.76 +- 0.09% (second
 order) / 3.00 +- 0.14% (first order) CIFAR-10 test error in the paper, whose cells were
-the best of four searches after a short evaluation; the genotype varies with the seed. Expected runtime: not
-measured here (no GPU); the paper reports search costs of about 4 (second order) and 1.5
-(first order) GPU-days on GTX 1080Ti cards (quoted from the paper, not verified).
-Per step, second order costs 1.7-2x first order here (``benchmarks/darts_search.py``).
+the best of four searches after a short evaluation; the genotype varies with the seed.
+Expected runtime: not measured yet (no accelerator was available); per step, second
+order costs 1.5-2x first order here (``benchmarks/darts_search.py``).
 On 2 CPU cores a full-size step takes minutes: use an accelerator.
 
 Variants (comma-separated after the colon):

@@ -170,6 +170,20 @@ def eval_indices(num_examples: int, batch_size: int) -> list[tuple[np.ndarray, n
   return batches
 
 
+def mean_over_split(data: 'DeviceData', split: str, batch_size: int, evaluate) -> dict[str, float]:
+  """Means over a whole split of the masked per-batch sums ``evaluate(batch)`` returns.
+
+  ``evaluate`` maps a padded batch (see :func:`eval_indices`) to a dict of summed
+  values including ``'count'``; the result is ``{f'{split}_{name}': sum / count}``.
+  """
+  totals = None
+  for idx, mask in eval_indices(data.num_examples(split), batch_size):
+    sums = jax.device_get(evaluate(data.batch(split, idx, mask)))
+    totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+  count = float(totals.pop('count'))
+  return {f'{split}_{k}': float(v) / count for k, v in totals.items()}
+
+
 # ---------------------------------------------------------------------------
 # Devices.
 

@@ -612,12 +612,7 @@ def _append_jsonl(path: str, obj: dict) -> None:
 def evaluate_val(data: data_lib.DeviceData, evaluate: Callable, state: SearchState,
                  batch_size: int) -> dict[str, float]:
   """Inference-mode loss and top-1 error of the supernet over the whole validation half."""
-  totals = None
-  for idx, mask in data_lib.eval_indices(data.num_examples('val'), batch_size):
-    sums = jax.device_get(evaluate(state, data.batch('val', idx, mask)))
-    totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
-  count = float(totals.pop('count'))
-  return {f'val_{k}': float(v) / count for k, v in totals.items()}
+  return data_lib.mean_over_split(data, 'val', batch_size, lambda batch: evaluate(state, batch))
 
 
 def _check_finite(pending: list[tuple[int, dict]], last_good: int) -> None:

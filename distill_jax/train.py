@@ -131,12 +131,9 @@ def build_run(config: ml_collections.ConfigDict, *, teacher: Teacher | None = No
 
 def evaluate_split(run: Run, state: steps_lib.TrainState, split: str = 'test') -> dict[str, float]:
   """Loss and top-1/top-5 error (fractions) over a whole split."""
-  totals = None
-  for idx, mask in data_lib.eval_indices(run.data.num_examples(split), run.config.eval_batch_size):
-    sums = jax.device_get(run.eval_step(state, run.data.batch(split, idx, mask), run.teacher_variables))
-    totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
-  count = float(totals.pop('count'))
-  return {f'{split}_{k}': float(v) / count for k, v in totals.items()}
+  return data_lib.mean_over_split(
+      run.data, split, run.config.eval_batch_size,
+      lambda batch: run.eval_step(state, batch, run.teacher_variables))
 
 
 def _check_finite(pending: list[tuple[int, dict]], last_good: int) -> None:
