@@ -48,14 +48,8 @@ def search_config() -> ml_collections.ConfigDict:
   c.job = 'darts_search'
   c.seed = 0
 
-  c.data = ml_collections.ConfigDict()
-  c.data.name = 'cifar10'           # digits | cifar10 | cifar100
-  c.data.data_dir = ''              # tfds data_dir ('' = tfds default); never downloads
-  c.data.validation_fraction = 0.5  # the half of the training split that trains alphas
-  c.data.crop_padding = 4           # the release's search augmentation: crop + flip
-  c.data.pad_mode = 'constant'
-  c.data.flip = True
-  c.data.cutout = 0
+  # The release's search augmentation (crop + flip); alphas train on the other half.
+  c.data = config_lib.data_section(validation_fraction=0.5)
 
   c.model = ml_collections.ConfigDict()
   c.model.layers = 8                # cells of the supernet

@@ -37,6 +37,19 @@ def network(key: str, *, num_classes: int = 10, demo: bool = False) -> ml_collec
   return ml_collections.ConfigDict({**table[key], 'num_classes': num_classes})
 
 
+def data_section(validation_fraction: float = 0.0) -> ml_collections.ConfigDict:
+  """The dataset and its augmentation (CIFAR-10 defaults: 4-px padded crop and flip)."""
+  d = ml_collections.ConfigDict()
+  d.name = 'cifar10'          # digits | cifar10 | cifar100
+  d.data_dir = ''             # tfds data_dir ('' = tfds default); never downloads
+  d.validation_fraction = validation_fraction  # part of the training split held out as 'val'
+  d.crop_padding = 4          # random crop of the padded image
+  d.pad_mode = 'constant'     # constant | reflect
+  d.flip = True               # random horizontal flip
+  d.cutout = 0                # cutout square size in pixels (0 = off)
+  return d
+
+
 def train_config() -> ml_collections.ConfigDict:
   """Every field a training run reads, with the CIFAR-10 WRN recipe as defaults
   (200 epochs, batch 128, SGD 0.1 ×0.2 at 60/120/160, Nesterov 0.9, weight decay 5e-4)."""
@@ -44,14 +57,7 @@ def train_config() -> ml_collections.ConfigDict:
   c.job = 'train'
   c.seed = 0
 
-  c.data = ml_collections.ConfigDict()
-  c.data.name = 'cifar10'          # digits | cifar10 | cifar100
-  c.data.data_dir = ''             # tfds data_dir ('' = tfds default); never downloads
-  c.data.validation_fraction = 0.0  # part of the training split held out as 'val'
-  c.data.crop_padding = 4          # random crop of the padded image
-  c.data.pad_mode = 'constant'     # constant | reflect
-  c.data.flip = True               # random horizontal flip
-  c.data.cutout = 0                # cutout square size in pixels (0 = off)
+  c.data = data_section()
 
   c.model = network('wrn_16_2')
   c.model.dropout_rate = 0.0
