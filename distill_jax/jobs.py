@@ -29,14 +29,25 @@ class _DropLibraryChatter:
     return record.levelno >= 30 or '/orbax/' not in record.pathname
 
 
-def setup_jax() -> None:
-  """Multi-process start-up and the persistent compilation cache.
+def setup_jax(*, cpu_devices: int = 0) -> None:
+  """CPU devices, multi-process start-up and the persistent compilation cache.
+
+  ``cpu_devices > 0`` splits a CPU into that many XLA devices (``jax_num_cpu_devices``):
+  XLA:CPU runs each convolution on one thread, so sharding the batch over one device
+  per core uses every core (README "Speed"); it does nothing on GPUs and TPUs. It must
+  precede the first use of a device.
 
   ``jax.distributed.initialize()`` runs with ``JAX_COORDINATOR_ADDRESS`` /
   ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` set (explicit), under SLURM with several
   tasks, or with ``DISTILL_JAX_DISTRIBUTED=1`` (TPU pods: every worker runs the same
   command and JAX finds its peers); it must precede every other JAX call.
   """
+  if isinstance(cpu_devices, bool) or not isinstance(cpu_devices, int) or cpu_devices < 0:
+    raise validation.ConfigError(
+        f'cpu_devices={cpu_devices!r} is not allowed; use 0 (JAX default) or a positive number '
+        f'of CPU devices, e.g. the number of cores ({os.cpu_count()})')
+  if cpu_devices:
+    jax.config.update('jax_num_cpu_devices', cpu_devices)
   if os.environ.get('JAX_COORDINATOR_ADDRESS'):
     jax.distributed.initialize(
         coordinator_address=os.environ['JAX_COORDINATOR_ADDRESS'],
@@ -129,8 +140,13 @@ def teacher_student(config: ml_collections.ConfigDict, workdir: str, *, mode: st
   return os.path.join(workdir, 'report.md')
 
 
-def darts_fisher(config: ml_collections.ConfigDict, workdir: str, *, mode: str = 'train') -> str:
-  """The darts_fisher pipeline (see :mod:`distill_jax.pipeline`)."""
+def darts_fisher(config: ml_collections.ConfigDict, workdir: str, *, mode: str = 'train',
+                 shard: int = 0, num_shards: int = 1) -> str:
+  """The darts_fisher pipeline (see :mod:`distill_jax.pipeline`).
+
+  ``mode='train'`` runs (or resumes) the seeds ``seeds[shard::num_shards]``; ``'report'``
+  writes the report and figure of finished seeds; ``'evaluate'`` only the report.
+  """
   from distill_jax import pipeline  # pylint: disable=g-import-not-at-top
   pipeline.validate(config)
   validate_runs([sweeps.RunSpec(name='student', workdir='', config=sweeps.run_config(
@@ -138,7 +154,9 @@ def darts_fisher(config: ml_collections.ConfigDict, workdir: str, *, mode: str =
   runner = pipeline.Pipeline(config, workdir)
   if mode == 'evaluate':
     return runner.report()
-  return runner.run()
+  if mode == 'report':
+    return runner.finish()
+  return runner.run(shard=shard, num_shards=num_shards)
 
 
 def darts_search(config: ml_collections.ConfigDict, workdir: str, *, mode: str = 'train') -> dict:
@@ -150,6 +168,8 @@ def darts_search(config: ml_collections.ConfigDict, workdir: str, *, mode: str =
   return search.run_search(config, workdir)
 
 
+# Jobs made of independent runs that launch/sweep.py can shard (``shard=i, num_shards=n``).
+SHARDABLE_JOBS = {'teacher_student': teacher_student, 'darts_fisher': darts_fisher}
 JOBS = {'train': train, 'distill': distill, 'teacher_student': teacher_student,
         'darts_fisher': darts_fisher, 'darts_search': darts_search}
 

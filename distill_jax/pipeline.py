@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Sequence
 
 from absl import logging
 import jax
@@ -209,9 +209,11 @@ class Pipeline:
     return {'depth': base, 'uniform': f'{base}-u', 'fisher': f'{base}-f'}[kind]
 
   # The whole pipeline ------------------------------------------------------------------
-  def run(self) -> str:
+  def run(self, *, shard: int = 0, num_shards: int = 1) -> str:
+    """Every stage for the seeds of this shard (``seeds[shard::num_shards]``); the report
+    and the figure only when one process runs every seed (else :meth:`finish` writes them)."""
     c = self.config
-    for seed in c.seeds:
+    for seed in c.seeds[shard::num_shards]:
       self.train(self.student_model, seed, self.student_dir(seed))
       if 'fisher' in c.teachers:
         self.student_fisher(seed)
@@ -229,20 +231,38 @@ class Pipeline:
           teacher = teacher_lib.load_teacher(teacher_model, self.teacher_dir(kind, seed),
                                              _input_shape(c))
           train_lib.train_and_evaluate(config, workdir, teacher=teacher)
-    if jax.process_index() == 0:
-      self.report()
-      if not os.path.exists(os.path.join(self.workdir, 'attention.png')):
-        self.attention_figure()
+    if num_shards == 1:
+      self.finish()
     return os.path.join(self.workdir, 'report.md')
 
-  def report(self) -> str:
+  def finished_seeds(self) -> list[int]:
+    """The seeds whose student and every distilled pair have finished."""
+    return [s for s in self.config.seeds if sweeps.is_done(self.student_dir(s)) and all(
+        sweeps.is_done(self.pair_dir(kind, s)) for kind in self.config.teachers)]
+
+  def finish(self) -> str:
+    """The report of the finished seeds and (once) the attention figure, from process 0."""
+    seeds = self.finished_seeds()
+    if not seeds:
+      raise validation.ConfigError(
+          f'no seed of config.seeds={tuple(self.config.seeds)} has finished in {self.workdir}; '
+          'run the pipeline (or its shards) first')
+    if jax.process_index() == 0:
+      self.report(seeds)
+      if not os.path.exists(os.path.join(self.workdir, 'attention.png')):
+        self.attention_figure(seeds[0])
+    return os.path.join(self.workdir, 'report.md')
+
+  def report(self, seeds: Sequence[int] | None = None) -> str:
+    """report.md / report.csv over ``seeds`` (default: all of ``config.seeds``)."""
     c = self.config
+    seeds = list(c.seeds if seeds is None else seeds)
     student = sweeps.display_name(self.student_model)
     runs = [sweeps.RunSpec(name='', workdir=self.student_dir(s), config=None, stage=0,
-                           teacher=sweeps.NO_TEACHER, student=student, seed=s) for s in c.seeds]
+                           teacher=sweeps.NO_TEACHER, student=student, seed=s) for s in seeds]
     teacher_params = {sweeps.NO_TEACHER: '-'}
     for kind in c.teachers:
-      for s in c.seeds:
+      for s in seeds:
         model = self.build_teacher(kind, s)
         name = self.teacher_name(kind, model)
         runs.append(sweeps.RunSpec(name='', workdir=self.pair_dir(kind, s), config=None, stage=1,
@@ -259,10 +279,11 @@ class Pipeline:
         extra_columns={'Teacher params': lambda r: r['teacher_params'],
                        'Student params': lambda r: f'{r["student_params"]:,}'})
 
-  def attention_figure(self) -> str:
-    """Maps at ``figure.point`` for the first ``figure.num_images`` test images, seed 0's runs."""
+  def attention_figure(self, seed: int | None = None) -> str:
+    """Maps at ``figure.point`` for the first ``figure.num_images`` test images of one
+    seed's runs (default: the first of ``config.seeds``)."""
     c, d = self.config, self.dataset
-    seed = c.seeds[0]
+    seed = c.seeds[0] if seed is None else seed
     images = jnp.asarray(d.test_images[:c.figure.num_images])
     x = data_lib.normalize(images, d.mean, d.std)
     shape = _input_shape(c)

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Spread the independent runs of a sweep config over the GPUs of one machine: one shard
-# (every n-th run) per GPU, each process seeing only its own GPU. Resumable: run it again
-# after any failure; finished runs are skipped. The report is written at the end.
+# per GPU, each process seeing only its own GPU. The teacher x student grid is sharded by
+# run (every n-th run), the darts_fisher pipeline by seed (every n-th seed, all its
+# stages). Resumable: run it again after any failure; finished runs are skipped. The
+# report is written at the end.
 #
 #   launch/local_gpus.sh configs/teacher_student.py /tmp/grid [extra --config.x=y flags]
+#   launch/local_gpus.sh configs/darts_fisher.py /tmp/darts_fisher    # 5 seeds over the GPUs
 #   NUM_GPUS=4 launch/local_gpus.sh configs/teacher_student.py:demo /tmp/grid_demo
 set -euo pipefail
 config=${1:?usage: launch/local_gpus.sh CONFIG WORKDIR [FLAGS...]}

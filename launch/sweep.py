@@ -1,4 +1,6 @@
-r"""Runs a sweep config (e.g. configs/teacher_student.py), or one shard of it.
+r"""Runs a sweep config, or one shard of it: the teacher x student grid
+(configs/teacher_student.py, sharded by run) or the darts_fisher pipeline
+(configs/darts_fisher.py, sharded by seed: each seed's stages are independent).
 
   python launch/sweep.py --config=configs/teacher_student.py --workdir=/tmp/grid
   # spread over the 4 GPUs of one machine, one shard each:
@@ -9,8 +11,9 @@ r"""Runs a sweep config (e.g. configs/teacher_student.py), or one shard of it.
   python launch/sweep.py --config=configs/teacher_student.py --workdir=/tmp/grid --report_only
 
 Finished runs are skipped and killed runs resume, so the same command can be repeated
-after any failure. A distillation run whose teacher belongs to another shard waits for
-that teacher's results.json.
+after any failure. A grid distillation run whose teacher belongs to another shard waits
+for that teacher's results.json. ``--report_only`` writes report.md/report.csv (and the
+pipeline's attention.png) from the finished runs.
 """
 
 from absl import app
@@ -32,10 +35,15 @@ def main(argv):
   shard, num_shards = (int(x) for x in FLAGS.shard.split('/'))
   if not 0 <= shard < num_shards:
     sys.exit(f'error: --shard={FLAGS.shard} is invalid: use i/n with 0 <= i < n')
-  jobs.setup_jax()
+  job = FLAGS.config.get('job', 'train')
+  if job not in jobs.SHARDABLE_JOBS:
+    sys.exit(f'error: config.job={job!r} is not a sweep; launch/sweep.py runs '
+             f'{", ".join(jobs.SHARDABLE_JOBS)} configs (use distill_jax.main for the others)')
   try:
-    jobs.teacher_student(FLAGS.config, FLAGS.workdir, mode='report' if FLAGS.report_only else 'train',
-                         shard=shard, num_shards=num_shards)
+    jobs.setup_jax()
+    jobs.SHARDABLE_JOBS[job](FLAGS.config, FLAGS.workdir,
+                             mode='report' if FLAGS.report_only else 'train',
+                             shard=shard, num_shards=num_shards)
   except jobs.USER_ERRORS as e:
     sys.exit(f'error: {e}')
 

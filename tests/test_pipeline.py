@@ -89,6 +89,21 @@ def test_pipeline_killed_resumed_finished_and_rerun_does_nothing(tmp_path):
   jobs.darts_fisher(config, workdir)
   assert results_mtimes(workdir) == finished
 
+  # Sharded by seed (launch/sweep.py): shard 0/2 of seeds (0, 1) is seed 0 alone, already
+  # done, and a shard never writes the report; 'report' mode does.
+  # The report covers the finished seeds only.
+  report_mtime = os.path.getmtime(report)
+  two_seeds = set_fields(tiny_config(), {'seeds': (0, 1)})
+  jobs.darts_fisher(two_seeds, workdir, shard=0, num_shards=2)
+  assert results_mtimes(workdir) == finished
+  assert not os.path.exists(os.path.join(workdir, 'student', 'seed1'))
+  assert os.path.getmtime(report) == report_mtime
+  time.sleep(0.01)
+  jobs.darts_fisher(two_seeds, workdir, mode='report')
+  assert os.path.getmtime(report) > report_mtime and open(report).read() == text
+  with pytest.raises(validation.ConfigError, match=r'no seed of config.seeds=\(5,\) has finished'):
+    jobs.darts_fisher(set_fields(tiny_config(), {'seeds': (5,)}), workdir, mode='report')
+
 
 @pytest.mark.parametrize('field, value, message', [
     ('teachers', ('depth', 'wider'), "config.teachers has 'wider'; allowed: depth, uniform, fisher"),

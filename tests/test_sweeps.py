@@ -3,11 +3,13 @@
 import csv
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from conftest import load_config
+from conftest import REPO, load_config
 from distill_jax import jobs
 from distill_jax import sweeps
 from distill_jax import validation
@@ -111,3 +113,13 @@ def test_tiny_sweep_end_to_end_and_rerun_is_a_no_op(tmp_path):
   mtimes = {r.workdir: os.path.getmtime(os.path.join(r.workdir, 'results.json')) for r in runs}
   jobs.teacher_student(c, str(tmp_path))
   assert mtimes == {r.workdir: os.path.getmtime(os.path.join(r.workdir, 'results.json')) for r in runs}
+
+
+def test_sweep_launcher_names_the_jobs_it_shards(tmp_path):
+  out = subprocess.run(
+      [sys.executable, 'launch/sweep.py', '--config=configs/train.py:demo', f'--workdir={tmp_path}'],
+      cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 1
+  assert out.stderr.strip().splitlines()[-1] == (
+      "error: config.job='train' is not a sweep; launch/sweep.py runs teacher_student, "
+      'darts_fisher configs (use distill_jax.main for the others)')

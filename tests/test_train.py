@@ -14,6 +14,7 @@ import pytest
 
 from conftest import CACHE_DIR, REPO, tiny_train_config
 from distill_jax import checkpoint as ckpt_lib
+from distill_jax import jobs
 from distill_jax import models
 from distill_jax import train as train_lib
 from distill_jax import validation
@@ -185,3 +186,14 @@ def test_main_exits_with_one_line_before_compute(tmp_path):
   _, err = unknown_key.communicate(timeout=120)
   assert unknown_key.returncode != 0 and 'learning_rat' in err
   assert not os.path.exists(tmp_path / 'a' / 'checkpoints')
+
+
+def test_cpu_devices_splits_the_cpu_and_rejects_bad_values():
+  # conftest's XLA_FLAGS ask for 8 devices; --cpu_devices=3 (jax_num_cpu_devices) wins.
+  code = ('from distill_jax import jobs; jobs.setup_jax(cpu_devices=3); import jax; '
+          'print(jax.device_count(), jax.default_backend())')
+  out = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True,
+                       timeout=120, check=True, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert out.stdout.split() == ['3', 'cpu']
+  with pytest.raises(jobs.validation.ConfigError, match=r'^cpu_devices=-2 is not allowed'):
+    jobs.setup_jax(cpu_devices=-2)
