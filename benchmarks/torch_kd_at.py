@@ -11,6 +11,10 @@ the backward pass and an SGD step with momentum 0.9 (as the benchmark's optax.sg
 The networks are the pre-activation WRNs of the attention-transfer release (691,674
 and 2,243,546 parameters, the counts of ``distill_jax.models``).
 
+``python benchmarks/torch_kd_at.py`` checks that claim: it copies the weights of
+distill_jax's WRN-16-2 and WRN-40-2 into these networks and compares logits, the loss
+and its gradient with ``distill_jax.losses.distillation_loss`` (no augmentation).
+
 Variants: ``eager`` (NCHW), ``channels_last`` (NHWC memory format) and ``compile``
 (``torch.compile`` of the whole step: forward, loss, backward and the SGD update;
 channels-last when that variant is faster is not assumed, both memory formats are
@@ -105,6 +109,16 @@ def augment(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torc
   return (x - mean) / std
 
 
+def kd_at_loss(logits, points, t_logits, t_points, labels, *, alpha: float = 0.9,
+               temperature: float = 4.0, beta: float = 1e3) -> torch.Tensor:
+  """(1 - alpha) CE + alpha T^2 KL(teacher || student) + beta sum_j mean((Q_s - Q_t)^2)."""
+  ce = F.cross_entropy(logits, labels)
+  kl = F.kl_div(F.log_softmax(logits / temperature, 1), F.log_softmax(t_logits / temperature, 1),
+                reduction='batchmean', log_target=True)
+  at = sum((attention_map(s) - attention_map(t)).pow(2).mean() for s, t in zip(points, t_points))
+  return (1 - alpha) * ce + alpha * temperature**2 * kl + beta * at
+
+
 def make_runner(variant: str, batch_size: int, *, alpha: float = 0.9, temperature: float = 4.0,
                 beta: float = 1e3, seed: int = 0) -> tuple[float, Callable[[], float]]:
   """Builds the step for ``variant``; returns (seconds of the first step, run_one_step)."""
@@ -129,11 +143,8 @@ def make_runner(variant: str, batch_size: int, *, alpha: float = 0.9, temperatur
     with torch.no_grad():
       t_logits, t_points = teacher(x)
     logits, points = student(x)
-    ce = F.cross_entropy(logits, labels)
-    kl = F.kl_div(F.log_softmax(logits / temperature, 1), F.log_softmax(t_logits / temperature, 1),
-                  reduction='batchmean', log_target=True)
-    at = sum((attention_map(s) - attention_map(t)).pow(2).mean() for s, t in zip(points, t_points))
-    loss = (1 - alpha) * ce + alpha * temperature**2 * kl + beta * at
+    loss = kd_at_loss(logits, points, t_logits, t_points, labels, alpha=alpha,
+                      temperature=temperature, beta=beta)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -150,3 +161,87 @@ def make_runner(variant: str, batch_size: int, *, alpha: float = 0.9, temperatur
 
   first = run()
   return first, run
+
+
+def load_flax_variables(model: WideResNet, variables: dict) -> None:
+  """Copies distill_jax WRN ``{'params', 'batch_stats'}`` into ``model`` (same names)."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  params, stats = variables['params'], variables['batch_stats']
+  t = lambda a: torch.from_numpy(np.array(a, dtype=np.float32))
+  modules = {'stem': model.stem, 'final_bn': model.final_bn, 'classifier': model.classifier}
+  for g, group in enumerate(model.groups):
+    for b, block in enumerate(group):
+      modules[f'group{g}_block{b}'] = block
+  with torch.no_grad():
+    for name, p in params.items():
+      module = modules[name]
+      if name == 'stem':
+        module.weight.copy_(t(p['kernel']).permute(3, 2, 0, 1))
+      elif name == 'classifier':
+        module.weight.copy_(t(p['kernel']).T)
+        module.bias.copy_(t(p['bias']))
+      else:
+        items = {'': p} if name == 'final_bn' else p
+        for sub, q in items.items():
+          layer = getattr(module, sub) if sub else module
+          if 'kernel' in q:
+            layer.weight.copy_(t(q['kernel']).permute(3, 2, 0, 1))
+          else:
+            s = stats[name][sub] if sub else stats[name]
+            layer.weight.copy_(t(q['scale']))
+            layer.bias.copy_(t(q['bias']))
+            layer.running_mean.copy_(t(s['mean']))
+            layer.running_var.copy_(t(s['var']))
+
+
+def check_against_jax(batch_size: int = 16) -> dict:
+  """Max differences between this step's loss / logits / a gradient and distill_jax's."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from distill_jax import losses, models  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(batch_size, 32, 32, 3)).astype(np.float32)
+  labels = rng.integers(0, 10, batch_size)
+  nets = {}
+  for role, depth, seed in (('student', 16, 0), ('teacher', 40, 1)):
+    flax_model = models.create_model('wrn', depth=depth, widen_factor=2, num_classes=10)
+    variables = models.init_variables(flax_model, jax.random.key(seed), (1, 32, 32, 3))
+    # Non-trivial running statistics, so the teacher's inference batch norm is exercised.
+    variables['batch_stats'] = jax.tree.map(
+        lambda a: a + 0.1 * rng.random(a.shape).astype(np.float32), variables['batch_stats'])
+    torch_model = WideResNet(depth, 2)
+    load_flax_variables(torch_model, variables)
+    nets[role] = (flax_model, variables, torch_model)
+
+  (fs, vs, ts), (ft, vt, tt) = nets['student'], nets['teacher']
+  t_logits, t_points = ft.apply(vt, x, train=False)
+
+  def jax_loss(params):
+    (logits, points), _ = fs.apply({'params': params, 'batch_stats': vs['batch_stats']}, x,
+                                   train=True, mutable=['batch_stats'])
+    loss, _ = losses.distillation_loss(logits, labels, points, t_logits, t_points, method='kd_at')
+    return loss, logits
+
+  (j_loss, j_logits), j_grads = jax.value_and_grad(jax_loss, has_aux=True)(vs['params'])
+  xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+  tt.eval()
+  ts.train()
+  with torch.no_grad():
+    tl, tp = tt(xt)
+  logits, points = ts(xt)
+  loss = kd_at_loss(logits, points, tl, tp, torch.from_numpy(labels))
+  loss.backward()
+  grad_torch = ts.groups[1][0].conv0.weight.grad.permute(2, 3, 1, 0).numpy()
+  grad_jax = np.asarray(j_grads['group1_block0']['conv0']['kernel'])
+  return {
+      'teacher_logits_max_abs_diff': float(np.abs(tl.numpy() - np.asarray(t_logits)).max()),
+      'student_logits_max_abs_diff': float(np.abs(logits.detach().numpy() - np.asarray(j_logits)).max()),
+      'loss_jax': float(j_loss), 'loss_torch': float(loss.detach()),
+      'loss_rel_diff': abs(float(loss.detach()) - float(j_loss)) / abs(float(j_loss)),
+      'grad_max_rel_diff': float(np.abs(grad_torch - grad_jax).max() / np.abs(grad_jax).max()),
+  }
+
+
+if __name__ == '__main__':
+  for key, value in check_against_jax().items():
+    print(f'{key}: {value:.3g}')
