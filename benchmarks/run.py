@@ -5,7 +5,8 @@ r"""All benchmarks in one command: a table on stdout and one JSON file.
 
 Runs, each in its own process on whatever devices JAX sees:
   train_step.py    images/s of the jitted train step: WRN-16-2 alone and from WRN-40-2
-                   (KD + AT), DARTS_V1 10 cells alone and from a 2x-wide teacher; batch 128
+                   (KD + AT), DARTS_V1 10 cells alone and from a 2x-wide teacher; batch 128;
+                   WRN-40-2 alone and the time of its 200-epoch CIFAR-10 recipe
   fisher.py        one Fisher batch / one plain forward + backward (DARTS_V1 10 cells)
   darts_search.py  first- and second-order search steps / a supernet forward + backward
   versus_torch.py  only when PyTorch is installed (``pip install torch==2.13.0``): the KD + AT
@@ -59,6 +60,7 @@ def main() -> None:
       'kd_at_step_images_per_s': pairs['wrn']['kd_at_images_per_s'],
       'student_step_images_per_s': pairs['wrn']['student_images_per_s'],
       'darts_kd_at_step_images_per_s': pairs.get('darts', {}).get('kd_at_images_per_s'),
+      'wrn_40_2_200_epochs_minutes': pairs.get('wrn40', {}).get('recipe_200_epochs_minutes'),
       'fisher_over_fwd_bwd': results['fisher']['fisher_over_fwd_bwd'],
       'second_over_first_order': results['darts_search'].get('second_over_first_order'),
       'fd_over_first_order': results['darts_search'].get('fd_over_first_order'),

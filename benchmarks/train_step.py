@@ -5,7 +5,9 @@ r"""Images/s of the jitted train step: a student alone and a KD + AT student wit
 
 Pairs: ``wrn`` (WRN-16-2 student, WRN-40-2 teacher) and ``darts`` (DARTS_V1 10-cell,
 C=16 student; a teacher of the same genotype with every cell's channels scaled so it has
-about 2x the parameters). CIFAR-sized inputs (32x32x3), steady state after compilation
+about 2x the parameters); ``wrn40`` (WRN-40-2 alone, whose step time gives
+``recipe_200_epochs_minutes``: 200 CIFAR-10 epochs of 50,000 images at ``--batch``, plus
+one compilation, without evaluation). CIFAR-sized inputs (32x32x3), steady state after compilation
 (median over ``--repeats`` steps, each waited for), compile time separately, peak device
 memory where the backend reports it. The step is the trainer's own
 (``distill_jax.steps.train_step``: augmentation, forward, loss, backward, SGD update).
@@ -26,7 +28,7 @@ from distill_jax import data as data_lib
 from distill_jax import models
 from distill_jax import steps as steps_lib
 
-flags.DEFINE_list('pairs', ['wrn', 'darts'], 'Student/teacher pairs to time.')
+flags.DEFINE_list('pairs', ['wrn', 'darts', 'wrn40'], 'Student/teacher pairs to time.')
 flags.DEFINE_integer('batch', 128, 'Global batch size.')
 flags.DEFINE_integer('repeats', 10, 'Timed steps after compilation.')
 flags.DEFINE_string('json', '', 'Write the figures here as JSON.')
@@ -38,7 +40,11 @@ PAIRS = {
     'darts': (dict(name='darts', genotype='DARTS_V1', layers=10, init_channels=16),
               dict(name='darts', genotype='DARTS_V1', layers=10, init_channels=16,
                    cell_channels=(22, 22, 22, 46, 46, 46, 92, 92, 92, 92))),
+    # WRN-40-2 trained alone: its step time gives the time of the 200-epoch CIFAR-10 recipe.
+    'wrn40': (dict(name='wrn', depth=40, widen_factor=2), None),
 }
+CIFAR_TRAIN_IMAGES = 50_000
+RECIPE_EPOCHS = 200
 
 
 def make_runner(pair: str, mode: str, batch_size: int, *, compute_dtype: str = 'float32'):
@@ -80,12 +86,18 @@ def make_runner(pair: str, mode: str, batch_size: int, *, compute_dtype: str = '
 
 def measure_pair(pair, batch_size, repeats):
   result = {'pair': pair, 'batch': batch_size, 'devices': jax.device_count()}
-  for mode in ('student', 'kd_at'):
+  for mode in ('student', 'kd_at') if PAIRS[pair][1] else ('student',):
     compile_s, run = make_runner(pair, mode, batch_size)
     step_s = statistics.median([run() for _ in range(repeats)])
     result[f'{mode}_compile_s'] = compile_s
     result[f'{mode}_step_s'] = step_s
     result[f'{mode}_images_per_s'] = batch_size / step_s
+  if pair == 'wrn40':
+    # Steady-state steps of the whole recipe (the last partial batch counted whole) plus
+    # one compilation; evaluation passes are not included.
+    steps = RECIPE_EPOCHS * -(-CIFAR_TRAIN_IMAGES // batch_size)
+    result['recipe_200_epochs_minutes'] = (steps * result['student_step_s']
+                                           + result['student_compile_s']) / 60
   stats = jax.devices()[0].memory_stats() or {}
   if 'peak_bytes_in_use' in stats:
     result['peak_device_bytes'] = stats['peak_bytes_in_use']
