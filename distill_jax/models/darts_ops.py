@@ -265,6 +265,19 @@ def _groups(groups: int | None, c_in: int, where: str) -> int:
   return g
 
 
+def _relu_conv_bn(x: jnp.ndarray, features: int, kernel_size: int, stride: int, padding: int,
+                  dilation: int, groups: int, names: tuple[str, str, str], *, affine: bool,
+                  dtype: Dtype, impl: str | None, train: bool) -> jnp.ndarray:
+  """ReLU -> (grouped) k x k conv (C_in channels) -> 1x1 conv -> BN, with the three layers
+  named ``names`` in the calling module (call it from an ``nn.compact`` method)."""
+  c_in = x.shape[-1]
+  x = nn.relu(x)
+  x = Conv(c_in, kernel_size, stride, padding, dilation, groups, dtype=dtype, impl=impl,
+           name=names[0])(x)
+  x = Conv(features, dtype=dtype, impl=impl, name=names[1])(x)
+  return batch_norm(affine, dtype, names[2])(x, use_running_average=not train)
+
+
 class DilConv(nn.Module):
   """ReLU -> (grouped) k x k dilated conv -> 1x1 conv -> BN (the release's ``DilConv``)."""
   features: int
@@ -279,13 +292,10 @@ class DilConv(nn.Module):
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
-    c_in = x.shape[-1]
-    g = _groups(self.groups, c_in, 'DilConv')
-    x = nn.relu(x)
-    x = Conv(c_in, self.kernel_size, self.stride, self.padding, self.dilation, g,
-             dtype=self.dtype, impl=self.impl, name='dw')(x)
-    x = Conv(self.features, dtype=self.dtype, impl=self.impl, name='pw')(x)
-    return batch_norm(self.affine, self.dtype, 'bn')(x, use_running_average=not train)
+    g = _groups(self.groups, x.shape[-1], 'DilConv')
+    return _relu_conv_bn(x, self.features, self.kernel_size, self.stride, self.padding,
+                         self.dilation, g, ('dw', 'pw', 'bn'), affine=self.affine,
+                         dtype=self.dtype, impl=self.impl, train=train)
 
 
 class SepConv(nn.Module):
@@ -307,15 +317,11 @@ class SepConv(nn.Module):
   def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
     c_in = x.shape[-1]
     g = _groups(self.groups, c_in, 'SepConv')
-    k, p = self.kernel_size, self.padding
-    x = nn.relu(x)
-    x = Conv(c_in, k, self.stride, p, 1, g, dtype=self.dtype, impl=self.impl, name='dw1')(x)
-    x = Conv(c_in, dtype=self.dtype, impl=self.impl, name='pw1')(x)
-    x = batch_norm(self.affine, self.dtype, 'bn1')(x, use_running_average=not train)
-    x = nn.relu(x)
-    x = Conv(c_in, k, 1, p, 1, g, dtype=self.dtype, impl=self.impl, name='dw2')(x)
-    x = Conv(self.features, dtype=self.dtype, impl=self.impl, name='pw2')(x)
-    return batch_norm(self.affine, self.dtype, 'bn2')(x, use_running_average=not train)
+    common = dict(affine=self.affine, dtype=self.dtype, impl=self.impl, train=train)
+    x = _relu_conv_bn(x, c_in, self.kernel_size, self.stride, self.padding, 1, g,
+                      ('dw1', 'pw1', 'bn1'), **common)
+    return _relu_conv_bn(x, self.features, self.kernel_size, 1, self.padding, 1, g,
+                         ('dw2', 'pw2', 'bn2'), **common)
 
 
 class MaxPool3x3(nn.Module):
