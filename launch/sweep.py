@@ -24,6 +24,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Sweep directory (one sub-workdir per run).')
 flags.DEFINE_string('shard', '0/1', 'i/n: run every n-th run starting at i.')
 flags.DEFINE_bool('report_only', False, 'Only (re)write the report from finished runs.')
+flags.DEFINE_integer('cpu_devices', 0, 'On a CPU: this many XLA devices (see distill_jax.main).')
 config_flags.DEFINE_config_file('config', None, 'Sweep config file.', lock_config=True)
 flags.mark_flags_as_required(['config', 'workdir'])
 
@@ -40,7 +41,7 @@ def main(argv):
     sys.exit(f'error: config.job={job!r} is not a sweep; launch/sweep.py runs '
              f'{", ".join(jobs.SHARDABLE_JOBS)} configs (use distill_jax.main for the others)')
   try:
-    jobs.setup_jax()
+    jobs.setup_jax(cpu_devices=FLAGS.cpu_devices)
     jobs.SHARDABLE_JOBS[job](FLAGS.config, FLAGS.workdir,
                              mode='report' if FLAGS.report_only else 'train',
                              shard=shard, num_shards=num_shards)
