@@ -15,7 +15,7 @@ step (compile) seconds, and every variant's images/s over the best PyTorch varia
 JAX variants (``distill_jax.steps.train_step``, the trainer's own step):
   jax            XLA's default CPU setup: one device
   jax_cores      one XLA CPU device per core (``JAX_NUM_CPU_DEVICES``, the trainer's
-                 ``--cpu_devices``), the batch sharded over them; README "Speed" says why
+                 ``--cpu_devices``), the batch sharded over them; README "Benchmarks" says why
   jax_cores_bf16 the same with bfloat16 compute (float32 parameters)
 PyTorch variants (``torch_kd_at.py``): torch_eager, torch_channels_last, torch_compile,
 torch_compile_channels_last.

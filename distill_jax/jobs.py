@@ -34,7 +34,7 @@ def setup_jax(*, cpu_devices: int = 0) -> None:
 
   ``cpu_devices > 0`` splits a CPU into that many XLA devices (``jax_num_cpu_devices``):
   XLA:CPU runs each convolution on one thread, so sharding the batch over one device
-  per core uses every core (README "Speed"); it does nothing on GPUs and TPUs. It must
+  per core uses every core (README "Benchmarks"); it does nothing on GPUs and TPUs. It must
   precede the first use of a device.
 
   ``jax.distributed.initialize()`` runs with ``JAX_COORDINATOR_ADDRESS`` /

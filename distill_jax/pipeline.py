@@ -15,6 +15,10 @@ was killed (``WORKDIR`` layout in brackets):
    teacher's parameter count                                   [report.md, report.csv]
 7. the attention figure: test images, the student's maps with no teacher and with each
    teacher, and the teachers' own maps                         [attention.png]
+
+Stages 1-5 of one seed do not depend on other seeds, so ``launch/sweep.py --shard=i/n``
+runs the seeds ``seeds[i::n]`` in one process each and ``--report_only`` writes stages
+6-7 over the finished seeds.
 """
 
 from __future__ import annotations
