@@ -685,7 +685,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
   is_main = jax.process_index() == 0
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_main,
                                                 asynchronous=False)
-  jsonl = os.path.join(workdir, METRICS_FILE)
+  jsonl = train_lib.JsonlWriter(os.path.join(workdir, METRICS_FILE))
   logging.info('DARTS search (order %d%s): supernet %d cells, C=%d, %d parameters, on %s, '
                '%d steps over %d devices.', cfg.order,
                f', {cfg.hessian} hessian' if cfg.order == 2 else '', cfg.layers,
@@ -718,14 +718,12 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
       if log_now or save_now:
         _check_finite(pending, last_saved)
         if log_now:
-          host = jax.device_get([m for _, m in pending])
-          values = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+          values = train_lib.mean_metrics(pending)
           values['epoch'] = step / steps_per_epoch
           values['steps_per_sec'] = (step - window[1]) / max(time.time() - window[0], 1e-9)
           window = (time.time(), step)
           writer.write_scalars(step, values)
-          if is_main:
-            _append_jsonl(jsonl, {'step': step, **values})
+          jsonl.write(step, values)
           pending.clear()
       if step % steps_per_epoch == 0 or is_last:
         values = evaluate_val(data, eval_fn, state, config.eval_batch_size)
@@ -733,8 +731,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
         genotype = _epoch_outputs(workdir, state, step, values['epoch'],
                                   plots=config.plot_every_epoch)
         writer.write_scalars(step, values)
-        if is_main:
-          _append_jsonl(jsonl, {'step': step, **values})
+        jsonl.write(step, values)
         logging.info('Step %d (epoch %.2f): val top-1 error %.4f; genotype %s', step,
                      values['epoch'], values['val_top1_error'], genotype)
         if is_last:

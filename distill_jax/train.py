@@ -151,12 +151,13 @@ def _check_finite(pending: list[tuple[int, dict]], last_good: int) -> None:
           'the data. No checkpoint of the diverged state was written.')
 
 
-def _mean_metrics(pending: list[tuple[int, dict]]) -> dict[str, float]:
+def mean_metrics(pending: list[tuple[int, dict]]) -> dict[str, float]:
+  """The mean over the pending steps' (device) metric dicts, as Python floats."""
   host = jax.device_get([m for _, m in pending])
   return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
 
 
-class _JsonlWriter:
+class JsonlWriter:
   """Appends one JSON object per line; process 0 only."""
 
   def __init__(self, path: str):
@@ -190,7 +191,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   is_main = jax.process_index() == 0
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_main,
                                                 asynchronous=False)
-  jsonl = _JsonlWriter(os.path.join(workdir, METRICS_FILE))
+  jsonl = JsonlWriter(os.path.join(workdir, METRICS_FILE))
   if first_step == 0:
     writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()})
   progress = periodic_actions.ReportProgress(num_train_steps=run.num_train_steps, writer=writer,
@@ -224,7 +225,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       if step % config.log_every_steps == 0 or is_last or save_now:
         _check_finite(pending, last_saved)
         if step % config.log_every_steps == 0 or is_last:
-          values = {f'train_{k}': v for k, v in _mean_metrics(pending).items()}
+          values = {f'train_{k}': v for k, v in mean_metrics(pending).items()}
           values['epoch'] = step / run.steps_per_epoch
           values['steps_per_sec'] = (step - window[1]) / max(time.time() - window[0], 1e-9)
           window = (time.time(), step)
