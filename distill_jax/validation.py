@@ -12,27 +12,56 @@ class ConfigError(ValueError):
   """A config value that cannot work; the message names field, value and what is allowed."""
 
 
+def fail(field: str, value, allowed: str) -> None:
+  """Raises the one-line error for ``config.<field>=<value>`` saying what is allowed."""
+  raise ConfigError(f'config.{field}={value!r} is invalid: {allowed}')
+
+
 def _check(ok: bool, field: str, value, allowed: str) -> None:
   if not ok:
-    raise ConfigError(f'config.{field}={value!r} is invalid: {allowed}')
+    fail(field, value, allowed)
+
+
+def check_int(config: ml_collections.ConfigDict, field: str, minimum: int = 0) -> None:
+  """An integer (not a bool) >= ``minimum``."""
+  value = get(config, field)
+  _check(not isinstance(value, bool) and isinstance(value, int) and value >= minimum, field,
+         value, f'must be an integer >= {minimum}')
+
+
+def check_bool(config: ml_collections.ConfigDict, field: str) -> None:
+  value = get(config, field)
+  _check(isinstance(value, bool), field, value, 'must be True or False')
+
+
+def check_range(config: ml_collections.ConfigDict, field: str, low: float, high: float, *,
+                closed: str = '[)') -> None:
+  """A number in the interval from ``low`` to ``high``; ``closed`` gives the brackets."""
+  value = get(config, field)
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+  if ok:
+    ok = (value >= low if closed[0] == '[' else value > low) and (
+        value <= high if closed[1] == ']' else value < high)
+  _check(ok, field, value, f'must be in {closed[0]}{low}, {high}{closed[1]}')
 
 
 def check_choice(config: ml_collections.ConfigDict, field: str, choices) -> None:
-  value = _get(config, field)
+  value = get(config, field)
   _check(value in choices, field, value, 'allowed: ' + ', '.join(map(str, choices)))
 
 
 def check_positive(config: ml_collections.ConfigDict, field: str) -> None:
-  value = _get(config, field)
+  value = get(config, field)
   _check(isinstance(value, (int, float)) and value > 0, field, value, 'must be > 0')
 
 
 def check_non_negative(config: ml_collections.ConfigDict, field: str) -> None:
-  value = _get(config, field)
+  value = get(config, field)
   _check(isinstance(value, (int, float)) and value >= 0, field, value, 'must be >= 0')
 
 
-def _get(config, field: str):
+def get(config, field: str):
+  """The value of a dotted field, e.g. ``get(config, 'optimizer.learning_rate')``."""
   for part in field.split('.'):
     config = config[part]
   return config

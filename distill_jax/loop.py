@@ -1,0 +1,206 @@
+"""The bookkeeping every training loop shares: cadence, pending metrics, writers, results.
+
+:mod:`distill_jax.train` and :mod:`distill_jax.search` keep their own short loops and
+call these as one-liners (big_vision ``utils`` style):
+
+* :class:`Cadence` says whether a step logs, evaluates or saves;
+* :class:`PendingMetrics` keeps the metrics of the steps not yet logged, at most one
+  step in flight, and checks them finite before every log and every save, naming the
+  step range (:class:`NonFiniteLossError`);
+* :func:`create_writer` is one clu ``MultiWriter`` (console, TensorBoard and the
+  ``metrics.jsonl`` :class:`JsonlWriter`) written once per step;
+* :func:`write_json` writes atomically; :func:`write_results` adds the versions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import time
+from typing import Any, Sequence
+
+from clu import metric_writers
+import jax
+import numpy as np
+
+RESULTS_FILE = 'results.json'
+METRICS_FILE = 'metrics.jsonl'
+
+
+class NonFiniteLossError(FloatingPointError):
+  """A loss or norm became NaN or infinite; no checkpoint of the diverged state was written."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Cadence:
+  """When a loop of ``num_steps`` steps (numbered from 1) logs, evaluates and saves.
+
+  The last step always does all three; ``save_every=0`` saves only there.
+  """
+  num_steps: int
+  log_every: int
+  eval_every: int
+  save_every: int = 0
+
+  def is_last(self, step: int) -> bool:
+    return step == self.num_steps
+
+  def log(self, step: int) -> bool:
+    return step % self.log_every == 0 or self.is_last(step)
+
+  def eval(self, step: int) -> bool:
+    return step % self.eval_every == 0 or self.is_last(step)
+
+  def save(self, step: int) -> bool:
+    return self.is_last(step) or bool(self.save_every and step % self.save_every == 0)
+
+
+class PendingMetrics:
+  """The device metrics of the steps since the last log.
+
+  ``finite_keys`` name the scalars that must stay finite (e.g. the loss and the
+  parameter norm), checked by :meth:`check_finite`; ``hint`` says what to change.
+  """
+
+  def __init__(self, first_step: int, *, finite_keys: Sequence[str], hint: str):
+    self._pending: list[tuple[int, dict]] = []
+    self._finite_keys = tuple(finite_keys)
+    self._hint = hint
+    self._window = (time.time(), first_step)
+
+  def add(self, step: int, metrics: dict) -> None:
+    """Records ``step``'s metrics after waiting for the previous step's: one step stays in
+    flight (bounded memory, and no collective rendezvous time-outs with many fake CPU
+    devices)."""
+    if self._pending:
+      jax.block_until_ready(self._pending[-1][1][self._finite_keys[0]])
+    self._pending.append((step, metrics))
+
+  def check_finite(self, last_good: int) -> None:
+    """Raises :class:`NonFiniteLossError` for the first pending step with a non-finite
+    ``finite_keys`` value, naming the checked range and the last savable step."""
+    if not self._pending:
+      return
+    values = jax.device_get([[m[k] for k in self._finite_keys] for _, m in self._pending])
+    for (step, _), row in zip(self._pending, values):
+      for key, value in zip(self._finite_keys, row):
+        if not math.isfinite(float(value)):
+          raise NonFiniteLossError(
+              f'{key} is {float(value)} at step {step} (steps {self._pending[0][0]}-'
+              f'{self._pending[-1][0]} checked; last checkpointable state: step {last_good}); '
+              f'{self._hint}. No checkpoint of the diverged state was written.')
+
+  def summary(self, step: int, *, prefix: str = '') -> dict[str, float]:
+    """The mean of every pending metric (``prefix`` + name) and ``steps_per_sec`` since the
+    last summary; clears the pending steps."""
+    host = jax.device_get([m for _, m in self._pending])
+    values = {f'{prefix}{k}': float(np.mean([m[k] for m in host])) for k in host[0]}
+    now = time.time()
+    values['steps_per_sec'] = (step - self._window[1]) / max(now - self._window[0], 1e-9)
+    self._window = (now, step)
+    self._pending.clear()
+    return values
+
+
+class JsonlWriter(metric_writers.interface.MetricWriter):
+  """A clu ``MetricWriter`` appending one JSON object per ``write_scalars`` call."""
+
+  def __init__(self, path: str):
+    self._path = path
+
+  def write_scalars(self, step: int, scalars) -> None:
+    row = {'step': int(step), **{k: float(v) for k, v in scalars.items()}}
+    with open(self._path, 'a') as f:
+      f.write(json.dumps(row) + '\n')
+
+  def write_summaries(self, step, values, metadata=None) -> None:
+    pass
+
+  def write_images(self, step, images) -> None:
+    pass
+
+  def write_videos(self, step, videos) -> None:
+    pass
+
+  def write_audios(self, step, audios, *, sample_rate) -> None:
+    pass
+
+  def write_texts(self, step, texts) -> None:
+    pass
+
+  def write_histograms(self, step, arrays, num_buckets=None) -> None:
+    pass
+
+  def write_hparams(self, hparams) -> None:
+    pass
+
+  def flush(self) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
+def create_writer(workdir: str) -> metric_writers.MetricWriter:
+  """Console + TensorBoard events + ``metrics.jsonl`` on process 0; console elsewhere."""
+  if jax.process_index() != 0:
+    return metric_writers.LoggingWriter()
+  return metric_writers.MultiWriter([
+      metric_writers.LoggingWriter(), metric_writers.SummaryWriter(workdir),
+      JsonlWriter(os.path.join(workdir, METRICS_FILE))])
+
+
+def _jsonable(x: Any) -> Any:
+  if isinstance(x, (np.ndarray, jax.Array)):
+    return np.asarray(x).tolist()
+  if isinstance(x, (np.integer, np.floating, np.bool_)):
+    return x.item()
+  return str(x)
+
+
+def write_json(path: str, obj: Any) -> None:
+  """Writes ``obj`` to ``path`` atomically (a reader sees the old file or the whole new
+  one); arrays become lists."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=2, sort_keys=True, default=_jsonable)
+  os.replace(tmp, path)
+
+
+def read_json(path: str) -> Any:
+  with open(path) as f:
+    return json.load(f)
+
+
+def versions() -> dict[str, str]:
+  """The versions and backend a result was computed with."""
+  import flax, optax, orbax.checkpoint  # pylint: disable=g-import-not-at-top,multiple-imports
+  return {'python': platform.python_version(), 'jax': jax.__version__,
+          'jaxlib': getattr(jax.lib, '__version__', jax.__version__),
+          'flax': flax.__version__, 'optax': optax.__version__,
+          'orbax_checkpoint': orbax.checkpoint.__version__, 'numpy': np.__version__,
+          'backend': jax.default_backend(), 'devices': str(jax.devices()[0].device_kind)}
+
+
+def write_results(workdir: str, results: dict[str, Any]) -> dict[str, Any]:
+  """``results`` plus ``versions`` and the process/device counts, written atomically to
+  ``WORKDIR/results.json`` by process 0; returns what was written."""
+  results = {**results, 'num_processes': jax.process_count(), 'versions': versions()}
+  if jax.process_index() == 0:
+    write_json(os.path.join(workdir, RESULTS_FILE), results)
+  return results
+
+
+def flatten(d: dict, prefix: str = '') -> dict[str, Any]:
+  """``{'a': {'b': 1}}`` -> ``{'a.b': 1}``; non-scalar leaves as strings (for hparams)."""
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(flatten(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v if isinstance(v, (int, float, str, bool)) else str(v)
+  return out
