@@ -327,8 +327,19 @@ def test_at_errors():
     losses.at_loss([jnp.ones((2, 4, 4))], [jnp.ones((2, 4, 4))])
   with pytest.raises(TypeError, match='sequence'):
     losses.at_loss(a, a)
-  with pytest.raises(ValueError, match='beta must be >= 0, got -1'):
-    losses.at_loss([a], [a], beta=-1.0)
+  b = jnp.ones((3, 4, 4, 3))
+  for fn in (losses.at_distance_per_example, losses.at_loss_per_example):
+    with pytest.raises(ValueError, match=r'attention point 1: batch size 3 differs .* size 2'):
+      fn([a, b], [a, b])
+  # The batch means still accept pairs with different batch sizes.
+  assert len(losses.at_layer_losses_per_example([a, b], [a, b])) == 2
+  np.testing.assert_allclose(losses.at_loss([a, b], [a, b]), 0.0, atol=1e-9)
+  for fn in (losses.at_layer_losses_per_example, losses.at_distance_per_example,
+             losses.at_loss_per_example):
+    with pytest.raises(ValueError, match=r'student batch size 2 .*teacher batch size 5'):
+      fn([a], [jnp.ones((5, 4, 4, 3))])
+    with pytest.raises(ValueError, match=r"form must be one of \('released', 'l2'\)"):
+      fn([a], [a], form='l1')
 
 
 # ----------------------------------------------------------------------------
@@ -515,17 +526,14 @@ def test_hard_uses_teacher_argmax():
 @pytest.mark.parametrize('kwargs, message', [
     (dict(method='fitnet'), r"method must be one of \('none', 'kd', 'at', 'kd_at', 'hard'\), "
                             r"got 'fitnet'"),
-    (dict(method='kd', temperature=0.0), r'temperature must be > 0, got 0.0'),
-    (dict(method='kd', temperature=-2.0), r'temperature must be > 0, got -2.0'),
-    (dict(method='kd', alpha=1.5), r'alpha must be in \[0, 1\], got 1.5'),
-    (dict(method='kd', alpha=-0.1), r'alpha must be in \[0, 1\], got -0.1'),
-    (dict(method='at', beta=-1.0), r'beta must be >= 0, got -1.0'),
     (dict(method='at', at_form='l1'), r"at_form must be one of \('released', 'l2'\)"),
 ])
 def test_distillation_loss_validation(kwargs, message):
   s, t, y, sp, tp = _setup()
   with pytest.raises(ValueError, match=message):
     losses.distillation_loss(s, y, sp, t, tp, **kwargs)
+  with pytest.raises(ValueError, match=message):
+    losses.distillation_loss_per_example(s, y, sp, t, tp, **kwargs)
 
 
 def test_distillation_loss_missing_inputs():
@@ -542,15 +550,6 @@ def test_distillation_loss_missing_inputs():
   np.testing.assert_allclose(loss, np_ce(s, y), rtol=1e-5)
 
 
-def test_kd_loss_validation():
-  z = jnp.zeros((2, 3))
-  y = jnp.zeros(2, jnp.int32)
-  with pytest.raises(ValueError, match='temperature must be > 0'):
-    losses.kd_loss(z, z, y, temperature=0.0)
-  with pytest.raises(ValueError, match='alpha must be in'):
-    losses.kd_loss(z, z, y, alpha=2.0)
-
-
 def test_import_pulls_in_no_flax_or_tensorflow():
   code = ('import sys, distill_jax.losses; '
           'bad = [m for m in ("flax", "tensorflow", "ml_collections", "clu") if m in sys.modules]; '
@@ -565,3 +564,270 @@ def test_extreme_logits_are_finite():
   out, g = jax.value_and_grad(lambda s: losses.kd_loss(s, t, y, alpha=0.5, temperature=4.0))(s)
   assert np.isfinite(float(out)) and np.all(np.isfinite(g))
   np.testing.assert_allclose(out, np_kd(s, t, y, 0.5, 4.0), rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------
+# Per-example cores: NumPy float64 references, batch means, jit, gradients.
+# ----------------------------------------------------------------------------
+
+
+def np_ce_per_example(logits, labels):
+  lsm = np_log_softmax(logits)
+  return -lsm[np.arange(len(labels)), labels]
+
+
+def np_soft_kl_per_example(s, t, temperature):
+  log_q = np_log_softmax(np.asarray(s, np.float64) / temperature)
+  log_p = np_log_softmax(np.asarray(t, np.float64) / temperature)
+  return np.sum(np.exp(log_p) * (log_p - log_q), axis=-1)
+
+
+def np_kd_per_example(s, t, labels, alpha, temperature):
+  return ((1 - alpha) * np_ce_per_example(s, labels)
+          + alpha * temperature**2 * np_soft_kl_per_example(s, t, temperature))
+
+
+def np_at_layers_per_example(student, teacher, form='released', p=2):
+  """One (N,) array per layer; the larger activation is average-pooled first."""
+  out = []
+  for s, t in zip(student, teacher):
+    s, t = np.asarray(s, np.float64), np.asarray(t, np.float64)
+    h, w = min(s.shape[1], t.shape[1]), min(s.shape[2], t.shape[2])
+    d = np_attention_map(np_avg_pool(s, h, w), p) - np_attention_map(np_avg_pool(t, h, w), p)
+    if form == 'released':
+      out.append((d**2).mean(axis=-1))
+    else:
+      out.append(np.sqrt((d**2).sum(axis=-1)))
+  return out
+
+
+def _points(seed, n=5):
+  sp = [_randn(seed, (n, 8, 8, 3)), _randn(seed + 1, (n, 4, 4, 6)), _randn(seed + 2, (n, 2, 2, 5))]
+  tp = [_randn(seed + 3, (n, 4, 4, 5)), _randn(seed + 4, (n, 4, 4, 2)),
+        _randn(seed + 5, (n, 2, 2, 5))]
+  return sp, tp
+
+
+def test_cross_entropy_per_example():
+  logits, labels = _randn(100, (7, 6), 3.0), _labels(101, 7, 6)
+  per = losses.cross_entropy_per_example(logits, labels)
+  assert per.shape == (7,) and per.dtype == jnp.float32
+  np.testing.assert_allclose(per, np_ce_per_example(logits, labels), rtol=1e-5)
+  np.testing.assert_allclose(losses.cross_entropy(logits, labels), np.mean(per), rtol=1e-6)
+  np.testing.assert_allclose(
+      jax.jit(losses.cross_entropy_per_example)(logits, labels), per, rtol=1e-6)
+  # Leading batch shapes are kept.
+  assert losses.cross_entropy_per_example(logits.reshape(7, 1, 6), labels[:, None]).shape == (7, 1)
+  with pytest.raises(ValueError, match='labels shape'):
+    losses.cross_entropy_per_example(jnp.zeros((4, 3)), jnp.zeros((5,), jnp.int32))
+
+
+@pytest.mark.parametrize('temperature', [1.0, 4.0])
+def test_soft_kl_per_example(temperature):
+  s, t = _randn(102, (7, 6), 3.0), _randn(103, (7, 6), 3.0)
+  per = losses.soft_kl_per_example(s, t, temperature=temperature)
+  assert per.shape == (7,) and per.dtype == jnp.float32
+  np.testing.assert_allclose(per, np_soft_kl_per_example(s, t, temperature), rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(losses.soft_kl(s, t, temperature=temperature), np.mean(per),
+                             rtol=1e-6)
+  jitted = jax.jit(lambda s, t: losses.soft_kl_per_example(s, t, temperature=temperature))
+  np.testing.assert_allclose(jitted(s, t), per, rtol=1e-6, atol=1e-7)
+  with pytest.raises(ValueError, match='teacher_logits shape'):
+    losses.soft_kl_per_example(jnp.zeros((4, 3)), jnp.zeros((4, 5)), temperature=1.0)
+
+
+def test_kd_loss_per_example():
+  s, t = _randn(104, (9, 5), 2.0), _randn(105, (9, 5), 2.0)
+  y = _labels(106, 9, 5)
+  for alpha, temperature in [(0.0, 4.0), (0.5, 2.0), (0.9, 4.0), (1.0, 10.0)]:
+    per = losses.kd_loss_per_example(s, t, y, alpha=alpha, temperature=temperature)
+    assert per.shape == (9,) and per.dtype == jnp.float32
+    np.testing.assert_allclose(per, np_kd_per_example(s, t, y, alpha, temperature), rtol=1e-5,
+                               atol=1e-6)
+    np.testing.assert_allclose(losses.kd_loss(s, t, y, alpha=alpha, temperature=temperature),
+                               np.mean(per), rtol=1e-6)
+  # Defaults match kd_loss's (alpha = 0.9, T = 4).
+  np.testing.assert_allclose(losses.kd_loss_per_example(s, t, y),
+                             np_kd_per_example(s, t, y, 0.9, 4.0), rtol=1e-5)
+  # jit, with traced hyper-parameters too.
+  f = jax.jit(lambda a, temp: losses.kd_loss_per_example(s, t, y, alpha=a, temperature=temp))
+  np.testing.assert_allclose(
+      f(0.5, 2.0), losses.kd_loss_per_example(s, t, y, alpha=0.5, temperature=2.0), rtol=1e-6)
+  # Teacher gets no gradient.
+  g = jax.grad(lambda t: losses.kd_loss_per_example(s, t, y).sum())(t)
+  np.testing.assert_array_equal(g, np.zeros_like(t))
+
+
+@pytest.mark.parametrize('form', losses.AT_FORMS)
+@pytest.mark.parametrize('p', [2, 3])
+def test_at_per_example_matches_numpy(form, p):
+  sp, tp = _points(110)
+  ref = np_at_layers_per_example(sp, tp, form, p)
+  layers = losses.at_layer_losses_per_example(sp, tp, p=p, form=form)
+  assert isinstance(layers, tuple) and len(layers) == 3
+  for layer, r in zip(layers, ref):
+    assert layer.shape == (5,) and layer.dtype == jnp.float32
+    np.testing.assert_allclose(layer, r, rtol=1e-5, atol=1e-9)
+  dist = losses.at_distance_per_example(sp, tp, p=p, form=form)
+  assert dist.shape == (5,)
+  np.testing.assert_allclose(dist, sum(ref), rtol=1e-5)
+  per_loss = losses.at_loss_per_example(sp, tp, beta=250.0, p=p, form=form)
+  np.testing.assert_allclose(per_loss, 250.0 * sum(ref), rtol=1e-5)
+  # Batch means: each layer term, the distance and at_loss.
+  batch_layers = losses.at_layer_losses(sp, tp, p=p, form=form)
+  np.testing.assert_allclose(batch_layers, [np.mean(layer) for layer in layers], rtol=1e-6)
+  np.testing.assert_allclose(batch_layers, [np.mean(r) for r in ref], rtol=1e-5)
+  np.testing.assert_allclose(sum(batch_layers), np.mean(dist), rtol=1e-6)
+  np.testing.assert_allclose(losses.at_loss(sp, tp, beta=250.0, p=p, form=form),
+                             np.mean(per_loss), rtol=1e-6)
+  # jit vs eager.
+  jitted = jax.jit(lambda sp, tp: losses.at_distance_per_example(sp, tp, p=p, form=form))
+  np.testing.assert_allclose(jitted(sp, tp), dist, rtol=1e-6, atol=1e-9)
+
+
+def test_released_per_example_averages_to_batch_value_exactly():
+  # The released batch term is one mean over N * P squared differences; the
+  # per-example terms are means over P, whose mean over N is the same number.
+  sp, tp = _points(120, n=6)
+  with jax.enable_x64(True):
+    sp64, tp64 = [_f64(x) for x in sp], [_f64(x) for x in tp]
+    for (s, t), per in zip(zip(sp64, tp64), losses.at_layer_losses_per_example(sp64, tp64)):
+      h, w = min(s.shape[1], t.shape[1]), min(s.shape[2], t.shape[2])
+      d = np_attention_map(np_avg_pool(np.asarray(s), h, w)) - np_attention_map(
+          np_avg_pool(np.asarray(t), h, w))
+      np.testing.assert_allclose(np.mean(per), np.mean(d**2), rtol=1e-13)
+    np.testing.assert_allclose(np.mean(losses.at_distance_per_example(sp64, tp64)),
+                               sum(losses.at_layer_losses(sp64, tp64)), rtol=1e-13)
+
+
+@pytest.mark.parametrize('form', losses.AT_FORMS)
+def test_at_distance_equals_vmapped_batches_of_one(form):
+  # What the evaluation step computes: sum(at_layer_losses) on batches of one.
+  sp, tp = _points(130)
+  # A bilinear (non-divisible) pair too.
+  sp.append(_randn(136, (5, 6, 6, 2)))
+  tp.append(_randn(137, (5, 4, 4, 3)))
+  vmapped = jax.jit(jax.vmap(lambda s, t: sum(losses.at_layer_losses(
+      [x[None] for x in s], [x[None] for x in t], form=form))))(sp, tp)
+  np.testing.assert_allclose(losses.at_distance_per_example(sp, tp, form=form), vmapped,
+                             rtol=1e-5, atol=1e-9)
+  loop = [sum(losses.at_layer_losses([x[i:i + 1] for x in sp], [x[i:i + 1] for x in tp],
+                                     form=form)) for i in range(5)]
+  np.testing.assert_allclose(losses.at_distance_per_example(sp, tp, form=form), loop,
+                             rtol=1e-5, atol=1e-9)
+
+
+def test_at_per_example_hand_computed():
+  # See _HAND_S / _HAND_T: one example, so the per-example value is the batch value.
+  np.testing.assert_allclose(
+      losses.at_distance_per_example([_HAND_S], [_HAND_T]), [0.5527864], rtol=1e-6)
+  np.testing.assert_allclose(
+      losses.at_distance_per_example([_HAND_S], [_HAND_T], form='l2'), [1.0514622], rtol=1e-6)
+  # Two examples: the hand pair and an identical pair (distance 0); the mean halves.
+  s2, t2 = np.concatenate([_HAND_S, _HAND_S]), np.concatenate([_HAND_T, _HAND_S])
+  np.testing.assert_allclose(losses.at_distance_per_example([s2], [t2]), [0.5527864, 0.0],
+                             rtol=1e-6, atol=1e-12)
+  np.testing.assert_allclose(losses.at_layer_losses([s2], [t2])[0], 0.5527864 / 2, rtol=1e-6)
+
+
+def test_check_grads_per_example_kd():
+  with jax.enable_x64(True):
+    s, t = _f64(_randn(140, (4, 5), 2.0)), _f64(_randn(141, (4, 5), 2.0))
+    y = jnp.asarray(_labels(142, 4, 5))
+    assert losses.kd_loss_per_example(s, t, y).dtype == jnp.float64
+    jtu.check_grads(
+        jax.jit(lambda s: losses.kd_loss_per_example(s, t, y, alpha=0.7, temperature=3.0)),
+        (s,), order=2, modes=('fwd', 'rev'))
+    jtu.check_grads(jax.jit(lambda s: losses.cross_entropy_per_example(s, y)), (s,), order=2,
+                    modes=('fwd', 'rev'))
+    jtu.check_grads(jax.jit(lambda s: losses.soft_kl_per_example(s, t, temperature=2.0)), (s,),
+                    order=2, modes=('fwd', 'rev'))
+
+
+@pytest.mark.parametrize('form', losses.AT_FORMS)
+def test_check_grads_per_example_at(form):
+  with jax.enable_x64(True):
+    sp = (_f64(_randn(143, (2, 4, 4, 3))), _f64(_randn(144, (2, 2, 2, 2))))
+    tp = (_f64(_randn(145, (2, 4, 4, 5))), _f64(_randn(146, (2, 4, 4, 2))))
+    jtu.check_grads(jax.jit(lambda *sp: losses.at_distance_per_example(sp, tp, form=form)),
+                    sp, order=2, modes=('fwd', 'rev'))
+    jtu.check_grads(
+        jax.jit(lambda *sp: losses.at_layer_losses_per_example(sp, tp, form=form)[1]),
+        sp, order=2, modes=('fwd', 'rev'))
+    # Teacher gets no gradient.
+    g = jax.grad(lambda *tp: losses.at_loss_per_example(sp, tp, form=form).sum(),
+                 argnums=(0, 1))(*tp)
+    for gi in g:
+      np.testing.assert_array_equal(gi, np.zeros_like(gi))
+
+
+@pytest.mark.parametrize('method', losses.METHODS)
+@pytest.mark.parametrize('at_form', losses.AT_FORMS)
+def test_distillation_loss_per_example(method, at_form):
+  s, t, y, sp, tp = _setup()
+  kw = dict(method=method, alpha=0.8, temperature=3.0, beta=500.0, at_form=at_form)
+  per_loss, per_terms = losses.distillation_loss_per_example(s, y, sp, t, tp, **kw)
+  assert set(per_terms) == {'ce', 'kd', 'at', 'loss'}
+  assert all(v.shape == (8,) and v.dtype == jnp.float32 for v in per_terms.values())
+  np.testing.assert_array_equal(per_terms['loss'], per_loss)
+  # NumPy per-example references.
+  np_ce = np_ce_per_example(s, y)
+  np_kd_term = 0.8 * 9.0 * np_soft_kl_per_example(s, t, 3.0)
+  np_at = 500.0 * sum(np_at_layers_per_example(sp, tp, at_form))
+  zeros = np.zeros(8)
+  expected = {
+      'none': (np_ce, zeros, zeros),
+      'kd': (np_kd_per_example(s, t, y, 0.8, 3.0), np_kd_term, zeros),
+      'at': (np_ce + np_at, zeros, np_at),
+      'kd_at': (np_kd_per_example(s, t, y, 0.8, 3.0) + np_at, np_kd_term, np_at),
+      'hard': (np_ce_per_example(s, np.argmax(t, axis=-1)), zeros, zeros),
+  }[method]
+  np.testing.assert_allclose(per_loss, expected[0], rtol=1e-5)
+  np.testing.assert_allclose(per_terms['ce'], np_ce, rtol=1e-5)
+  np.testing.assert_allclose(per_terms['kd'], expected[1], rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(per_terms['at'], expected[2], rtol=1e-5, atol=1e-7)
+  # The batch wrapper is the mean of every per-example term.
+  loss, terms = losses.distillation_loss(s, y, sp, t, tp, **kw)
+  np.testing.assert_array_equal(terms['loss'], loss)
+  for name, value in per_terms.items():
+    np.testing.assert_allclose(terms[name], np.mean(value), rtol=1e-6, atol=1e-9, err_msg=name)
+  # jit vs eager.
+  jitted = jax.jit(lambda s, sp, t, tp: losses.distillation_loss_per_example(
+      s, y, sp, t, tp, **kw))(s, sp, t, tp)
+  for e, j in zip(jax.tree.leaves((per_loss, per_terms)), jax.tree.leaves(jitted)):
+    np.testing.assert_allclose(j, e, rtol=1e-6, atol=1e-7)
+
+
+def test_distillation_loss_per_example_shape_errors():
+  s, t, y, sp, tp = _setup()
+  with pytest.raises(ValueError, match=r'batch shape \(8,\) does not match .* \(4,\)'):
+    losses.distillation_loss_per_example(s, y, [x[:4] for x in sp], t, [x[:4] for x in tp],
+                                         method='at')
+  with pytest.raises(ValueError, match='teacher_logits shape'):
+    losses.distillation_loss_per_example(s, y, teacher_logits=t[:, :5], method='hard')
+  with pytest.raises(ValueError, match='labels shape'):
+    losses.distillation_loss_per_example(s, y[:4], method='none')
+
+
+def test_traced_hyperparameters_need_no_concrete_values():
+  # No value checks inspect alpha / temperature / beta: all may be traced.
+  s, t, y, sp, tp = _setup()
+  f = jax.jit(lambda a, temp, b: losses.distillation_loss(
+      s, y, sp, t, tp, method='kd_at', alpha=a, temperature=temp, beta=b))
+  loss, _ = f(0.8, 3.0, 500.0)
+  np.testing.assert_allclose(
+      loss, losses.distillation_loss(s, y, sp, t, tp, method='kd_at', alpha=0.8,
+                                     temperature=3.0, beta=500.0)[0], rtol=1e-6)
+  g = jax.jit(lambda b: losses.at_loss_per_example(sp, tp, beta=b))(2.0)
+  np.testing.assert_allclose(g, 2.0 * losses.at_distance_per_example(sp, tp), rtol=1e-6)
+
+
+def test_public_names():
+  for name in ('cross_entropy_per_example', 'soft_kl_per_example', 'kd_loss_per_example',
+               'at_layer_losses_per_example', 'at_distance_per_example', 'at_loss_per_example',
+               'distillation_loss_per_example', 'cross_entropy', 'soft_kl', 'kd_loss',
+               'attention_map', 'at_layer_losses', 'at_loss', 'distillation_loss', 'METHODS',
+               'AT_FORMS'):
+    assert name in losses.__all__ and hasattr(losses, name), name
+  assert losses.AT_FORMS == ('released', 'l2')
+  assert losses.METHODS == ('none', 'kd', 'at', 'kd_at', 'hard')
