@@ -20,6 +20,7 @@ import time
 from absl import app
 from absl import flags
 import jax
+import ml_collections
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -68,11 +69,15 @@ def make_runner(pair: str, mode: str, batch_size: int, *, compute_dtype: str = '
       models.init_variables(student, jax.random.key(0), shape), tx, 0), mesh)
   teacher_vars = (data_lib.replicate(models.init_variables(teacher, jax.random.key(1), shape), mesh)
                   if teacher else None)
-  cfg = steps_lib.StepConfig(mean=data_lib.CIFAR_MEAN, std=data_lib.CIFAR_STD,
-                             method='kd_at' if teacher else 'none', beta=1e3)
-  train_step, _ = steps_lib.compile_steps(mesh=mesh, model=student, tx=tx,
-                                          schedule=optax.constant_schedule(0.1), cfg=cfg,
-                                          teacher_model=teacher)
+  aug = ml_collections.ConfigDict(
+      {'crop_padding': 4, 'flip': True, 'cutout': 0, 'pad_mode': 'constant'})
+  distill = ml_collections.ConfigDict(
+      {'method': 'kd_at', 'alpha': 0.9, 'temperature': 4.0, 'beta': 1e3, 'at_form': 'released'})
+  train_step, _ = steps_lib.compile_steps(
+      mesh=mesh, model=student, tx=tx, schedule=optax.constant_schedule(0.1),
+      augment=steps_lib.make_augment(aug, data_lib.CIFAR_MEAN, data_lib.CIFAR_STD),
+      normalize=steps_lib.make_normalize(data_lib.CIFAR_MEAN, data_lib.CIFAR_STD),
+      loss_fn=steps_lib.make_loss(distill if teacher else None), teacher_model=teacher)
   box = [state]
 
   def run() -> float:

@@ -8,7 +8,9 @@ repeatedly to about twice the parameters (fisher) —; train them; distill the s
 from each with attention transfer (β = 1000 at cell 0 and the two reduction cells);
 report mean ± std over 3 seeds and draw the attention maps.
 
-Recipe of the author's released code: 200 epochs, batch 64, SGD 0.1 ×0.2 at epochs
+Every run copies ``config.run`` (the student's model and the recipe, e.g.
+``--config.run.num_epochs=...``, ``--config.run.distill.beta=...``); the teachers change
+only its model. Recipe of the author's released code: 200 epochs, batch 64, SGD 0.1 ×0.2 at epochs
 60/120/160, momentum 0.9, weight decay 5e-4, drop path 0.2, no auxiliary head. Each
 run fits on one GPU and spreads over several (the global batch is sharded):
 
@@ -37,15 +39,17 @@ from distill_jax import config_lib
 
 def get_config(arg: str = ''):
   variants = config_lib.parse_variants(arg, ('demo',), 'configs/darts_fisher.py')
-  c = config_lib.train_config()
+  c = ml_collections.ConfigDict()
   c.job = 'darts_fisher'
-  c.model = config_lib.network('darts_v1_10')      # the student
   c.seeds = (0, 1, 2)
   c.teachers = ('depth', 'uniform', 'fisher')
-  c.num_epochs = 200
-  c.batch_size = 64
-  c.optimizer.nesterov = False
-  c.darts_drop_path_prob = 0.2
+
+  # The student and the recipe every run copies (teachers change only the model).
+  c.run = config_lib.experiment_run(model='darts_v1_10', method='at')
+  c.run.num_epochs = 200
+  c.run.batch_size = 64
+  c.run.optimizer.nesterov = False
+  c.run.drop_path_prob = 0.2
 
   c.growth = ml_collections.ConfigDict()
   c.growth.target_param_ratio = 2.0
@@ -58,20 +62,18 @@ def get_config(arg: str = ''):
   c.fisher.num_batches = 10        # Fisher is accumulated over this many training batches
   c.fisher.batch_size = 64
 
-  c.distill = config_lib.distill_section('at')
-
   c.figure = ml_collections.ConfigDict()
   c.figure.num_images = 4
   c.figure.point = 0               # which attention point to draw (0 = highest resolution)
 
   if 'demo' in variants:
-    c = config_lib.demo(c)
-    c.model = config_lib.network('darts_v1_10', demo=True)
+    c.run = config_lib.demo(c.run)
+    c.run.model = config_lib.network('darts_v1_10', demo=True)
     c.seeds = (0, 1)
-    c.num_epochs = 3
+    c.run.num_epochs = 3
     c.growth.depth_layers = 8
     c.fisher.num_batches = 2
-    c.distill.beta = 50.0          # 8x8 maps: see configs/distill.py
-    c.darts_drop_path_prob = 0.0
+    c.run.distill.beta = 50.0      # 8x8 maps: see configs/distill.py
+    c.run.drop_path_prob = 0.0
   c.lock()
   return c

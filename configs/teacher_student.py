@@ -10,10 +10,12 @@ three stage outputs). Common recipe: 200 epochs, batch 128, SGD 0.1 ×0.2 at
   python -m distill_jax.main --config=configs/teacher_student.py --workdir=/tmp/grid \
       --config.data.data_dir=~/tensorflow_datasets
 
-Runs are independent workdirs under /tmp/grid; a re-run skips finished runs and
-resumes killed ones. To spread runs over GPUs or machines, start one shard per GPU:
-``python launch/sweep.py --config=configs/teacher_student.py --workdir=/tmp/grid
---shard=i/n``. The table lands in WORKDIR/report.md and report.csv (paper: 5.7-8.5%
+Every run copies ``config.run`` (the recipe: ``--config.run.num_epochs=...``,
+``--config.run.optimizer.learning_rate=...``, ``--config.run.distill.beta=...``) with
+its own model, seed and teacher. Runs are independent workdirs under /tmp/grid; a re-run skips finished runs and
+resumes killed ones. To spread runs over GPUs or machines, start one shard per GPU,
+``python -m distill_jax.main --config=configs/teacher_student.py --workdir=/tmp/grid
+--shard=i/n``, then ``--mode=report``. The table lands in WORKDIR/report.md and report.csv (paper: 5.7-8.5%
 top-1 error on CIFAR-10; DARTS students worst whatever the teacher).
 
 ``:demo`` runs the whole grid with small stand-ins of the same families on the
@@ -29,22 +31,21 @@ from distill_jax import config_lib
 
 def get_config(arg: str = ''):
   variants = config_lib.parse_variants(arg, ('demo',), 'configs/teacher_student.py')
-  c = config_lib.train_config()
+  c = ml_collections.ConfigDict()
   c.job = 'teacher_student'
-  del c['model']
-  c.num_classes = 10
   c.teachers = ('wrn_40_2', 'densenet_bc_40_36', 'darts_v1_25')
   c.students = ('wrn_16_2', 'densenet_bc_100_12', 'darts_v1_10')
   c.seeds = (0, 1, 2)
   c.demo_networks = False          # use config_lib.DEMO_NETWORKS stand-ins
-  c.darts_drop_path_prob = 0.2
-  c.distill = config_lib.distill_section('at')
+  c.darts_drop_path_prob = 0.2     # drop path of the DARTS runs (other families have none)
+  # The recipe every run copies (its model, seed and teacher are set per run).
+  c.run = config_lib.experiment_run(method='at')
   if 'demo' in variants:
-    c = config_lib.demo(c)
+    c.run = config_lib.demo(c.run)
     c.demo_networks = True
     c.seeds = (0, 1)
-    c.num_epochs = 3
-    c.distill.beta = 50.0          # 8x8 maps: see configs/distill.py
+    c.run.num_epochs = 3
+    c.run.distill.beta = 50.0      # 8x8 maps: see configs/distill.py
     c.darts_drop_path_prob = 0.0
   c.lock()
   return c

@@ -6,7 +6,12 @@ created here, so a locked config rejects unknown keys.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+
 import ml_collections
+
+from distill_jax import losses
 
 # The paper's networks (and the author's released code): name -> model config.
 NETWORKS = {
@@ -90,15 +95,21 @@ def train_config() -> ml_collections.ConfigDict:
   return c
 
 
+def _default(fn, name: str):
+  """The default of keyword ``name`` of ``fn``: each loss default lives in its function."""
+  return inspect.signature(fn).parameters[name].default
+
+
 def distill_section(method: str = 'at') -> ml_collections.ConfigDict:
   """The distillation method and its weights (KD: Hinton et al. 2015; AT: Zagoruyko &
-  Komodakis 2016, β at the three stage outputs)."""
+  Komodakis 2016, β at the three stage outputs); defaults from
+  :func:`distill_jax.losses.distillation_loss`."""
   d = ml_collections.ConfigDict()
   d.method = method                 # none | kd | at | kd_at | hard
-  d.alpha = 0.9                     # KD weight of the soft term
-  d.temperature = 4.0               # KD temperature T
-  d.beta = 1e3                      # attention-transfer weight
-  d.at_form = 'released'            # released (squared, mean) | l2 (the seed's Eq. 2)
+  d.alpha = _default(losses.distillation_loss, 'alpha')              # KD weight of the soft term
+  d.temperature = _default(losses.distillation_loss, 'temperature')  # KD temperature T
+  d.beta = _default(losses.distillation_loss, 'beta')                # attention-transfer weight
+  d.at_form = _default(losses.distillation_loss, 'at_form')  # released (squared, mean) | l2 (Eq. 2)
   return d
 
 
@@ -114,6 +125,24 @@ def distill_fields(c: ml_collections.ConfigDict, *, teacher: str = 'wrn_40_2',
   c.distill = distill_section(method)
   c.distill.teacher_model = network(teacher, num_classes=c.model.num_classes)
   c.distill.teacher_workdir = ''
+  return c
+
+
+def experiment_run(*, model: str | None = None, method: str = 'at') -> ml_collections.ConfigDict:
+  """``config.run`` of an experiment made of many runs (the grid, the pipeline): the
+  training recipe every run copies, with a ``distill`` section for its distillations.
+
+  The experiment sets each run's seed, teacher and (without ``model``) network, so
+  those fields are not here: nothing in ``config.run`` is overridden or ignored.
+  """
+  c = train_config()
+  del c['job']
+  del c['seed']
+  if model is None:
+    del c['model']
+  else:
+    c.model = network(model)
+  c.distill = distill_section(method)
   return c
 
 
@@ -152,3 +181,85 @@ def parse_variants(arg: str, allowed: tuple[str, ...], config_file: str) -> set[
     raise ValueError(f'{config_file}:{arg}: unknown variant {unknown[0]!r}; allowed: '
                      f'{", ".join(allowed)} (comma-separated)')
   return variants
+
+
+_PAUSED: list[str] = []  # non-empty while a traced config serialises itself
+
+
+class _TracedConfigDict(ml_collections.ConfigDict):
+  """A ConfigDict that records the dotted path of every leaf it is asked for.
+
+  Copies (``copy.deepcopy``, as experiments make of ``config.run``) keep recording into
+  the same set under the original paths; ``to_dict`` and printing record nothing.
+  """
+
+  def __getitem__(self, key):
+    value = super().__getitem__(key)
+    if not _PAUSED and not isinstance(value, ml_collections.ConfigDict):
+      prefix, reads = self.__dict__['_trace']
+      reads.add(prefix + str(key))
+    return value
+
+  def _unrecorded(name):  # pylint: disable=no-self-argument
+    def method(self, *args, **kwargs):
+      _PAUSED.append(name)
+      try:
+        return getattr(ml_collections.ConfigDict, name)(self, *args, **kwargs)
+      finally:
+        _PAUSED.pop()
+    return method
+
+  to_dict = _unrecorded('to_dict')
+  to_json = _unrecorded('to_json')
+  __str__ = _unrecorded('__str__')
+  __repr__ = _unrecorded('__repr__')
+  __eq__ = _unrecorded('__eq__')
+  __hash__ = None
+
+  def __deepcopy__(self, memo):
+    copied = ml_collections.ConfigDict(self.to_dict())
+    if self.is_locked:
+      copied.lock()
+    _trace_in_place(copied, *self.__dict__['_trace'])
+    return copied
+
+
+def _trace_in_place(config: ml_collections.ConfigDict, prefix: str, reads: set) -> None:
+  object.__setattr__(config, "__class__", _TracedConfigDict)
+  config.__dict__['_trace'] = (prefix, reads)
+  for key in config.keys():
+    child = config._fields[key]  # pylint: disable=protected-access  (no read recorded)
+    if isinstance(child, ml_collections.ConfigDict):
+      _trace_in_place(child, f'{prefix}{key}.', reads)
+
+
+@contextlib.contextmanager
+def unrecorded_reads():
+  """Within it, reads of traced configs are not recorded (e.g. the validation's, which
+  reads every field without using any)."""
+  _PAUSED.append('unrecorded_reads')
+  try:
+    yield
+  finally:
+    _PAUSED.pop()
+
+
+def trace_reads(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, set]:
+  """``(config, reads)``: the config (changed in place) now adds to ``reads`` the dotted
+  path of each field read from it or from its copies; for checking that a job reads
+  every field it is given."""
+  reads: set[str] = set()
+  _trace_in_place(config, '', reads)
+  return config, reads
+
+
+def leaf_paths(config: ml_collections.ConfigDict, prefix: str = '') -> set[str]:
+  """The dotted paths of every leaf field of ``config``."""
+  paths = set()
+  for key in config.keys():
+    child = config._fields[key]  # pylint: disable=protected-access
+    if isinstance(child, ml_collections.ConfigDict):
+      paths |= leaf_paths(child, f'{prefix}{key}.')
+    else:
+      paths.add(f'{prefix}{key}')
+  return paths

@@ -1,31 +1,34 @@
 """The darts_fisher pipeline: grow a difficult student into its own teacher (the paper's
-second table).
+second table), as a list of memoised tasks per seed (:mod:`distill_jax.runs`).
 
-Stages, each skipped when its output exists and resumed from its checkpoints when it
-was killed (``WORKDIR`` layout in brackets):
+Per seed (``WORKDIR`` layout in brackets), each task skipped when done and resumed from
+its checkpoints when it was killed:
 
-1. train the student alone, per seed — the table's N/A row   [student/seed<s>/]
-2. per-channel Fisher of the trained student                  [fisher/seed<s>.json]
-3. build the teachers from the trained student: ``depth`` (more layers), ``uniform``
+1. train the student alone — the table's N/A row               [student/seed<s>/]
+2. per-channel Fisher of the trained student                    [fisher/seed<s>.json]
+3. build the teachers from the trained student: ``depth`` (more cells), ``uniform``
    (every cell widened to ≈2× parameters), ``fisher`` (the cell holding the most
-   important channel widened, repeatedly, to ≈2×)             [teachers/<kind>/seed<s>/grown.json]
-4. train each teacher, from scratch or from the grown weights  [teachers/<kind>/seed<s>/]
-5. distill the student from each teacher with attention transfer [pairs/<kind>/seed<s>/]
-6. the report: Teacher | Student | Top-1 | Top-5 (mean ± std over seeds) with each
-   teacher's parameter count                                   [report.md, report.csv]
-7. the attention figure: test images, the student's maps with no teacher and with each
-   teacher, and the teachers' own maps                         [attention.png]
+   important channel widened, repeatedly, to ≈2×)               [teachers/<kind>/seed<s>/grown.json]
+4. train each teacher, from scratch or from the grown weights    [teachers/<kind>/seed<s>/]
+5. distill the student from each teacher (``run.distill``)       [pairs/<kind>/seed<s>/]
 
-Stages 1-5 of one seed do not depend on other seeds, so ``launch/sweep.py --shard=i/n``
-runs the seeds ``seeds[i::n]`` in one process each and ``--report_only`` writes stages
-6-7 over the finished seeds.
+then, over the finished seeds, the report — Teacher | Student | Top-1 | Top-5 (mean ± std
+over seeds) with each teacher's parameter count [report.md, report.csv] — and the
+attention figure: test images, the student's maps with no teacher and with each teacher,
+and the teachers' own maps [attention.png].
+
+Every training run is a copy of ``config.run`` (the student's model and recipe) with its
+model, seed and teacher changed. The seeds are independent, so ``--shard=i/n`` runs the
+seeds ``seeds[i::n]`` and ``--mode=report`` writes the report and figure over the
+finished seeds.
 """
 
 from __future__ import annotations
 
-import json
+import functools
 import os
-from typing import Any, Sequence
+import shutil
+from typing import Sequence
 
 from absl import logging
 import jax
@@ -39,68 +42,57 @@ from distill_jax import data as data_lib
 from distill_jax import figures
 from distill_jax import fisher as fisher_lib
 from distill_jax import grow as grow_lib
+from distill_jax import loop
 from distill_jax import losses
 from distill_jax import models
-from distill_jax import sweeps
+from distill_jax import runs
 from distill_jax import teacher as teacher_lib
 from distill_jax import train as train_lib
 from distill_jax import validation
+from distill_jax.options import JobOptions
 
 TEACHER_KINDS = ('depth', 'uniform', 'fisher')
 TEACHER_INITS = ('scratch', 'grown')
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Pipeline-level checks (each run's own config is checked again before it starts)."""
+  """The pipeline's own fields, then every run's config, before any compute."""
   for kind in config.teachers:
     if kind not in TEACHER_KINDS:
       raise validation.ConfigError(
           f'config.teachers has {kind!r}; allowed: {", ".join(TEACHER_KINDS)}')
-  if not config.seeds:
-    raise validation.ConfigError('config.seeds=() is invalid: give at least one seed')
+  runs.check_seeds(config)
   validation.check_choice(config, 'growth.teacher_init', TEACHER_INITS)
   validation.check_choice(config, 'growth.operator', ('widen', 'denser'))
   validation.check_positive(config, 'growth.target_param_ratio')
   validation.check_positive(config, 'growth.depth_layers')
+  validation.check_bool(config, 'growth.function_preserving')
   validation.check_positive(config, 'fisher.num_batches')
   validation.check_positive(config, 'fisher.batch_size')
-  if config.model.name != 'darts':
+  validation.check_int(config, 'figure.num_images', 1)
+  validation.check_int(config, 'figure.point', 0)
+  if config.run.model.name != 'darts':
     raise validation.ConfigError(
-        f'config.model.name={config.model.name!r} is invalid: the pipeline grows a DARTS student')
+        f'config.run.model.name={config.run.model.name!r} is invalid: the pipeline grows a '
+        'DARTS student')
+  runs.validate_runs(Pipeline(config, '/').tasks(static_only=True))
 
 
-def _input_shape(config) -> tuple[int, ...]:
-  return (1, *data_lib.IMAGE_SHAPES[config.data.name])
-
-
-def _write_json(path: str, obj: Any) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2, default=_jsonable)
-  os.replace(tmp, path)
-
-
-def _jsonable(x):
-  if isinstance(x, (np.ndarray, jax.Array)):
-    return np.asarray(x).tolist()
-  if isinstance(x, (np.integer, np.floating)):
-    return x.item()
-  return str(x)
+def _input_shape(run_config) -> tuple[int, ...]:
+  return (1, *data_lib.IMAGE_SHAPES[run_config.data.name])
 
 
 def _plain(model_config) -> dict:
-  d = model_config.to_dict() if hasattr(model_config, 'to_dict') else dict(model_config)
-  return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+  return {k: tuple(v) if isinstance(v, list) else v for k, v in model_config.items()}
 
 
 class Pipeline:
-  """The stages of one pipeline workdir; every method is idempotent."""
+  """The tasks of one pipeline workdir; every method is idempotent."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
     self.config = config
     self.workdir = os.path.abspath(os.path.expanduser(workdir))
-    self.student_model = _plain(config.model)
+    self.student_model = _plain(config.run.model)
     self._dataset = None
 
   # Paths ---------------------------------------------------------------------------
@@ -120,22 +112,16 @@ class Pipeline:
   def dataset(self) -> data_lib.Dataset:
     if self._dataset is None:
       c = self.config
-      self._dataset = data_lib.load_dataset(c.data.name, data_dir=c.data.data_dir or None)
+      self._dataset = data_lib.load_dataset(c.run.data.name, data_dir=c.run.data.data_dir or None)
     return self._dataset
 
-  # Stage 1 and 4/5: training runs -------------------------------------------------
-  def run_config(self, model: dict, seed: int, **distill) -> ml_collections.ConfigDict:
-    return sweeps.run_config(self.config, model, seed, **distill)
-
-  def train(self, model: dict, seed: int, workdir: str, **kwargs) -> dict:
-    if sweeps.is_done(workdir):
-      return json.load(open(os.path.join(workdir, train_lib.RESULTS_FILE)))
-    logging.info('Pipeline: training %s in %s', sweeps.display_name(model), workdir)
-    return train_lib.train_and_evaluate(self.run_config(model, seed), workdir, **kwargs)
+  def run_config(self, model: dict, seed: int, **teacher) -> ml_collections.ConfigDict:
+    """A training run: ``config.run`` with ``model``, ``seed`` and (optionally) a teacher."""
+    return runs.run_config(self.config.run, model=model, seed=seed, **teacher)
 
   def student_variables(self, seed: int) -> dict:
     teacher = teacher_lib.load_teacher(self.student_model, self.student_dir(seed),
-                                       _input_shape(self.config))
+                                       _input_shape(self.config.run))
     return teacher.variables
 
   # Stage 2: Fisher ------------------------------------------------------------------
@@ -160,10 +146,9 @@ class Pipeline:
     path = self.fisher_path(seed)
     if not os.path.exists(path):
       fisher = self.fisher_fn(seed)(self.student_model, self.student_variables(seed))
-      _write_json(path, {'cell_totals': fisher_lib.cell_totals(fisher),
-                         'channels': {k: np.asarray(v) for k, v in fisher.items()}})
-    with open(path) as f:
-      return {k: jnp.asarray(v) for k, v in json.load(f)['channels'].items()}
+      loop.write_json(path, {'cell_totals': fisher_lib.cell_totals(fisher),
+                             'channels': {k: np.asarray(v) for k, v in fisher.items()}})
+    return {k: jnp.asarray(v) for k, v in loop.read_json(path)['channels'].items()}
 
   # Stage 3: growth ------------------------------------------------------------------
   def grown_path(self, kind: str, seed: int) -> str:
@@ -180,7 +165,7 @@ class Pipeline:
       student_variables = self.student_variables(seed)
       kwargs = dict(strategy=kind, target_param_ratio=g.target_param_ratio,
                     function_preserving=g.function_preserving, rng=jax.random.key(seed),
-                    input_shape=_input_shape(self.config))
+                    input_shape=_input_shape(self.config.run))
       if kind == 'depth':
         kwargs['layers'] = g.depth_layers
       else:
@@ -191,58 +176,101 @@ class Pipeline:
       grown_config, grown_variables, history = grow_lib.grow_with_history(
           self.student_model, student_variables, **kwargs)
       if g.teacher_init == 'grown':
+        # grown.json is written last: weights without it are a killed growth's, redone.
+        shutil.rmtree(self.grown_variables_path(kind, seed), ignore_errors=True)
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(self.grown_variables_path(kind, seed), grown_variables)
         checkpointer.wait_until_finished()
-      shapes = models.param_shapes(models.create_model(**grown_config), _input_shape(self.config))
-      _write_json(path, {'model': grown_config, 'history': history,
-                         'num_params': models.count_params(shapes['params']),
-                         'student_params': models.count_params(student_variables['params'])})
-    with open(path) as f:
-      return _plain(json.load(f)['model'])
+      shapes = models.param_shapes(models.create_model(**grown_config), _input_shape(self.config.run))
+      loop.write_json(path, {'model': grown_config, 'history': history,
+                             'num_params': models.count_params(shapes['params']),
+                             'student_params': models.count_params(student_variables['params'])})
+    return _plain(loop.read_json(path)['model'])
 
   def teacher_initial_variables(self, kind: str, seed: int) -> dict | None:
-    if self.config.growth.teacher_init != 'grown' or sweeps.is_done(self.teacher_dir(kind, seed)):
+    if self.config.growth.teacher_init != 'grown' or runs.is_done(self.teacher_dir(kind, seed)):
       return None
     restored = ckpt_lib.restore_local(self.grown_variables_path(kind, seed))
     return jax.tree.map(np.asarray, {'params': restored['params'],
                                      'batch_stats': restored['batch_stats']})
 
-  def teacher_name(self, kind: str, model: dict) -> str:
-    base = sweeps.display_name(model)
-    return {'depth': base, 'uniform': f'{base}-u', 'fisher': f'{base}-f'}[kind]
+  def teacher_name(self, kind: str) -> str:
+    """The table's name of a teacher, known before it is grown."""
+    if kind == 'depth':
+      return runs.display_name({**self.student_model, 'layers': self.config.growth.depth_layers})
+    return runs.display_name(self.student_model) + '-' + kind[0]
 
-  # The whole pipeline ------------------------------------------------------------------
-  def run(self, *, shard: int = 0, num_shards: int = 1) -> str:
-    """Every stage for the seeds of this shard (``seeds[shard::num_shards]``); the report
-    and the figure only when one process runs every seed (else :meth:`finish` writes them)."""
+  # The tasks ------------------------------------------------------------------------
+  def tasks(self, seeds: Sequence[int] | None = None, *, static_only: bool = False
+            ) -> list[runs.Task]:
+    """Every task of ``seeds`` (default: ``config.seeds``) in order, grouped by seed.
+
+    ``static_only``: give the teacher and pair tasks configs with the student standing in
+    for the teachers (grown only by the growth tasks), to validate every run's config
+    before anything is computed.
+    """
     c = self.config
-    for seed in c.seeds[shard::num_shards]:
-      self.train(self.student_model, seed, self.student_dir(seed))
+    seeds = list(c.seeds if seeds is None else seeds)
+    student = runs.display_name(self.student_model)
+    out = []
+    for group, seed in enumerate(seeds):
+      def add(name, path, compute, *, seed=seed, group=group, **kwargs):
+        out.append(runs.Task(name=f'{name} seed {seed}', path=path, compute=compute, group=group,
+                             seed=seed, **kwargs))
+
+      student_dir = self.student_dir(seed)
+      config = self.run_config(self.student_model, seed)
+      add('student', student_dir, functools.partial(train_lib.run, config, student_dir),
+          config=config, teacher=runs.NO_TEACHER, student=student, row=True)
       if 'fisher' in c.teachers:
-        self.student_fisher(seed)
+        add('fisher', self.fisher_path(seed), functools.partial(self.student_fisher, seed),
+            needs=(student_dir,), is_run=False)
       for kind in c.teachers:
-        model = self.build_teacher(kind, seed)
-        self.train(model, seed, self.teacher_dir(kind, seed),
-                   initial_variables=self.teacher_initial_variables(kind, seed))
+        add(f'grow {kind}', self.grown_path(kind, seed),
+            functools.partial(self.build_teacher, kind, seed), needs=(student_dir,),
+            is_run=False)
       for kind in c.teachers:
-        workdir = self.pair_dir(kind, seed)
-        if not sweeps.is_done(workdir):
-          teacher_model = self.build_teacher(kind, seed)
-          config = self.run_config(self.student_model, seed, method=c.distill.method,
-                                   teacher_model=teacher_model,
-                                   teacher_workdir=self.teacher_dir(kind, seed))
-          teacher = teacher_lib.load_teacher(teacher_model, self.teacher_dir(kind, seed),
-                                             _input_shape(c))
-          train_lib.train_and_evaluate(config, workdir, teacher=teacher)
-    if num_shards == 1:
+        add(f'teacher {kind}', self.teacher_dir(kind, seed),
+            functools.partial(self.train_teacher, kind, seed),
+            needs=(self.grown_path(kind, seed),),
+            config=self.run_config(self.student_model, seed) if static_only else None,
+            teacher=self.teacher_name(kind))
+      for kind in c.teachers:
+        pair = self.run_config(self.student_model, seed, teacher_model=self.student_model,
+                               teacher_workdir=self.teacher_dir(kind, seed))
+        add(f'pair {kind}', self.pair_dir(kind, seed),
+            functools.partial(self.distill_student, kind, seed),
+            needs=(self.teacher_dir(kind, seed),), config=pair if static_only else None,
+            teacher=self.teacher_name(kind), student=student, row=True)
+    return out
+
+  def train_teacher(self, kind: str, seed: int) -> dict:
+    """Trains the grown teacher ``kind`` (from scratch or from its grown weights)."""
+    model = self.build_teacher(kind, seed)
+    logging.info('Pipeline: training %s in %s', runs.display_name(model),
+                 self.teacher_dir(kind, seed))
+    return train_lib.train_and_evaluate(
+        self.run_config(model, seed), self.teacher_dir(kind, seed),
+        initial_variables=self.teacher_initial_variables(kind, seed))
+
+  def distill_student(self, kind: str, seed: int) -> dict:
+    """Distils the student from the trained teacher ``kind`` by ``run.distill``."""
+    config = self.run_config(self.student_model, seed, teacher_model=self.build_teacher(kind, seed),
+                             teacher_workdir=self.teacher_dir(kind, seed))
+    return train_lib.run(config, self.pair_dir(kind, seed))
+
+  # The whole pipeline ---------------------------------------------------------------
+  def run(self, options: JobOptions = JobOptions()) -> str:
+    """Every task of this shard's seeds (``seeds[shard::num_shards]``); the report and
+    the figure when one process runs every seed (else ``--mode=report`` writes them)."""
+    runs.run_tasks(self.tasks(), shard=options.shard, num_shards=options.num_shards)
+    if options.num_shards == 1:
       self.finish()
     return os.path.join(self.workdir, 'report.md')
 
   def finished_seeds(self) -> list[int]:
-    """The seeds whose student and every distilled pair have finished."""
-    return [s for s in self.config.seeds if sweeps.is_done(self.student_dir(s)) and all(
-        sweeps.is_done(self.pair_dir(kind, s)) for kind in self.config.teachers)]
+    """The seeds whose every task has finished."""
+    return [s for s in self.config.seeds if all(t.done() for t in self.tasks([s]))]
 
   def finish(self) -> str:
     """The report of the finished seeds and (once) the attention figure, from process 0."""
@@ -258,27 +286,19 @@ class Pipeline:
     return os.path.join(self.workdir, 'report.md')
 
   def report(self, seeds: Sequence[int] | None = None) -> str:
-    """report.md / report.csv over ``seeds`` (default: all of ``config.seeds``)."""
-    c = self.config
-    seeds = list(c.seeds if seeds is None else seeds)
-    student = sweeps.display_name(self.student_model)
-    runs = [sweeps.RunSpec(name='', workdir=self.student_dir(s), config=None, stage=0,
-                           teacher=sweeps.NO_TEACHER, student=student, seed=s) for s in seeds]
-    teacher_params = {sweeps.NO_TEACHER: '-'}
-    for kind in c.teachers:
-      for s in seeds:
-        model = self.build_teacher(kind, s)
-        name = self.teacher_name(kind, model)
-        runs.append(sweeps.RunSpec(name='', workdir=self.pair_dir(kind, s), config=None, stage=1,
-                                   teacher=name, student=student, seed=s))
-        with open(self.grown_path(kind, s)) as f:
-          teacher_params.setdefault(name, []).append(json.load(f)['num_params'])
-    rows = sweeps.report_rows(runs)
-    fmt = lambda r: (teacher_params[r['teacher']] if r['teacher'] == sweeps.NO_TEACHER
-                     else f'{int(np.mean(teacher_params[r["teacher"]])):,}')
+    """report.md / report.csv over the finished runs of ``seeds`` (default: all)."""
+    tasks = self.tasks(seeds)
+    teacher_params: dict[str, list[int]] = {}
+    for kind in self.config.teachers:
+      for task in tasks:
+        if task.name.startswith(f'grow {kind} ') and task.done():
+          teacher_params.setdefault(self.teacher_name(kind), []).append(
+              loop.read_json(task.path)['num_params'])
+    rows = runs.report_rows(tasks)
     for r in rows:
-      r['teacher_params'] = fmt(r)
-    return sweeps.write_report(
+      params = teacher_params.get(r['teacher'])
+      r['teacher_params'] = f'{int(np.mean(params)):,}' if params else '-'
+    return runs.write_report(
         rows, self.workdir, title='Growing a difficult student into its teacher',
         extra_columns={'Teacher params': lambda r: r['teacher_params'],
                        'Student params': lambda r: f'{r["student_params"]:,}'})
@@ -290,7 +310,7 @@ class Pipeline:
     seed = c.seeds[0] if seed is None else seed
     images = jnp.asarray(d.test_images[:c.figure.num_images])
     x = data_lib.normalize(images, d.mean, d.std)
-    shape = _input_shape(c)
+    shape = _input_shape(c.run)
 
     def maps(model_config, workdir):
       net = teacher_lib.load_teacher(model_config, workdir, shape)
@@ -302,9 +322,21 @@ class Pipeline:
     teachers = []
     for kind in c.teachers:
       model = self.build_teacher(kind, seed)
-      name = self.teacher_name(kind, model)
+      name = self.teacher_name(kind)
       columns.append((f'student <- {name}', maps(self.student_model, self.pair_dir(kind, seed))))
       teachers.append((f'teacher {name}', maps(model, self.teacher_dir(kind, seed))))
     return figures.attention_figure(
         os.path.join(self.workdir, 'attention.png'), np.asarray(images) / 255.0,
         columns + teachers, title=f'Attention maps at point {c.figure.point} (seed {seed})')
+
+
+def run(config: ml_collections.ConfigDict, workdir: str,
+        options: JobOptions = JobOptions()) -> str:
+  """``mode='train'`` runs (or resumes) the seeds ``seeds[shard::num_shards]``, then (one
+  shard) reports; ``'report'`` and ``'evaluate'`` write the report and figure of the
+  finished seeds."""
+  validate(config)
+  pipeline = Pipeline(config, workdir)
+  if options.mode == 'train':
+    return pipeline.run(options)
+  return pipeline.finish()

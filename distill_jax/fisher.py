@@ -19,8 +19,11 @@ respect to them come from the ``'perturbations'`` collection, per example throug
 ``jax.vmap`` inside one jitted call per batch, with batch norm in inference mode and no
 weight gradients.
 
-Reference: L. Theis, I. Korshunova, A. Tejani, F. Huszár. "Faster gaze prediction with
-dense networks and Fisher pruning", 2018 (arXiv:1801.05787).
+References: L. Theis, I. Korshunova, A. Tejani, F. Huszár. "Faster gaze prediction with
+dense networks and Fisher pruning", 2018 (arXiv:1801.05787). Whettam, "Finding the
+Right Teacher for a Difficult Student" (2020; the author's release is
+github.com/DWhettam/FisherDistillation) uses these Δ at the DARTS cell outputs to choose
+which cells of a student to grow into a teacher (:mod:`distill_jax.grow`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from distill_jax import losses
+from distill_jax.models import names
 
 Fisher = dict[str, jax.Array]  # point name -> (C,) per-channel Δ
 
@@ -45,9 +49,9 @@ def point_shapes(model: nn.Module, variables: dict, image_shape: tuple[int, ...]
   """The ``'perturbations'`` tree of one example of ``image_shape`` (H, W, C), as shapes."""
   x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
   variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
-  if 'perturbations' not in variables:
+  if names.PERTURBATIONS not in variables:
     raise ValueError(f'{type(model).__name__} marks no activations (no Module.perturb calls)')
-  return variables['perturbations']
+  return variables[names.PERTURBATIONS]
 
 
 @functools.partial(jax.jit, static_argnames=('model',))
@@ -63,9 +67,9 @@ def fisher_sums(model: nn.Module, variables: dict, images: jax.Array,
 
   def example_g(x, y):
     def loss(perturbations):
-      (logits, _), state = model.apply({**variables, 'perturbations': perturbations}, x[None],
-                                       train=False, mutable=['intermediates'])
-      return losses.cross_entropy(logits, y[None]), state['intermediates']
+      (logits, _), state = model.apply({**variables, names.PERTURBATIONS: perturbations},
+                                       x[None], train=False, mutable=[names.INTERMEDIATES])
+      return losses.cross_entropy(logits, y[None]), state[names.INTERMEDIATES]
 
     grads, intermediates = jax.grad(loss, has_aux=True)(zeros)
     flat_grads, treedef = jax.tree_util.tree_flatten_with_path(grads)
@@ -87,7 +91,8 @@ def _lookup(intermediates: dict, path) -> jax.Array:
 
 
 def fisher_from_sums(sums: dict, count: jax.Array | int) -> Fisher:
-  """Δ_c = Σ g² / (2N), keyed by the point's path name (e.g. ``'cell3/output'``)."""
+  """Δ_c = Σ g² / (2N), keyed by the point's path name (e.g. ``'cell3/output'``,
+  :func:`names.cell_output`; ``'group0_block0_out'`` for WRN)."""
   flat, _ = jax.tree_util.tree_flatten_with_path(sums)
   return {_path_name(path): s / (2.0 * count) for path, s in flat}
 

@@ -1,25 +1,26 @@
-"""What ``python -m distill_jax.main`` runs: the config's ``job`` picks one of :data:`JOBS`."""
+"""What ``python -m distill_jax.main`` runs: the config's ``job`` picks one of :data:`JOBS`,
+after :func:`setup_jax` has prepared devices, hosts and the compilation cache."""
 
 from __future__ import annotations
 
-import copy
 import os
 
 from absl import logging
 import jax
 import ml_collections
 
-from distill_jax import config_lib
+from distill_jax import darts_fisher
 from distill_jax import data as data_lib
-from distill_jax import models
-from distill_jax import sweeps
+from distill_jax import grid
+from distill_jax import loop
+from distill_jax import search
 from distill_jax import teacher as teacher_lib
 from distill_jax import train as train_lib
 from distill_jax import validation
+from distill_jax.options import JobOptions
 
-USER_ERRORS = (validation.ConfigError, data_lib.DatasetNotFoundError, train_lib.NonFiniteLossError,
+USER_ERRORS = (validation.ConfigError, data_lib.DatasetNotFoundError, loop.NonFiniteLossError,
                teacher_lib.TeacherError, FileNotFoundError)
-TEACHER_SUBDIR = 'teacher'
 
 
 class _DropLibraryChatter:
@@ -62,120 +63,25 @@ def setup_jax(*, cpu_devices: int = 0) -> None:
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
 
 
-def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The config that trains ``config``'s teacher: same data and recipe, the teacher's model."""
-  c = copy.deepcopy(config)
-  with c.unlocked():
-    c.job = 'train'
-    c.model = copy.deepcopy(config.distill.teacher_model)
-    del c['distill']
-  return c
+# config.job -> the module that runs it; each has validate(config) and
+# run(config, workdir, options).
+JOBS = {'train': train_lib, 'distill': train_lib, 'darts_search': search,
+        'teacher_student': grid, 'darts_fisher': darts_fisher}
 
 
-def distill(config: ml_collections.ConfigDict, workdir: str, *, mode: str = 'train') -> dict:
-  """Trains the student in ``workdir`` against a frozen teacher (``config.distill``).
-
-  The teacher comes from ``distill.teacher_workdir``; when that is empty it is first
-  trained (or resumed, or found finished) in ``WORKDIR/teacher`` with the same recipe.
-  """
-  validation.validate_distill_config(config)
-  teacher = None
-  if config.distill.method != 'none':
-    teacher_dir = config.distill.teacher_workdir
-    if not teacher_dir:
-      teacher_dir = os.path.join(workdir, TEACHER_SUBDIR)
-      train_lib.train_and_evaluate(teacher_config(config), teacher_dir)
-    shape = (1, *data_lib.IMAGE_SHAPES[config.data.name])
-    teacher = teacher_lib.load_teacher(config.distill.teacher_model, teacher_dir, shape,
-                                       dtype=models.compute_dtype(config.compute_dtype))
-    logging.info('Teacher %s loaded from %s.', config.distill.teacher_model.name, teacher.source)
-  if mode == 'evaluate':
-    return train_lib.evaluate(config, workdir, teacher=teacher)
-  return train_lib.train_and_evaluate(config, workdir, teacher=teacher)
-
-
-def train(config: ml_collections.ConfigDict, workdir: str, *, mode: str = 'train') -> dict:
-  if mode == 'evaluate':
-    return train_lib.evaluate(config, workdir)
-  return train_lib.train_and_evaluate(config, workdir)
-
-
-def _execute(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  return JOBS[config.job](config, workdir)
-
-
-def validate_runs(runs: list[sweeps.RunSpec]) -> None:
-  """Checks every run's config before the first one computes anything."""
-  for spec in runs:
-    try:
-      if spec.config.job == 'distill':
-        validation.validate_distill_config(spec.config)
-      else:
-        validation.validate_train_config(spec.config)
-    except validation.ConfigError as e:
-      raise validation.ConfigError(f'{spec.name}: {e}') from None
-
-
-def teacher_student(config: ml_collections.ConfigDict, workdir: str, *, mode: str = 'train',
-                    shard: int = 0, num_shards: int = 1) -> str:
-  """The teacher × student grid: trains what is missing, then writes the report."""
-  for field in ('teachers', 'students'):
-    table = config_lib.DEMO_NETWORKS if config.demo_networks else config_lib.NETWORKS
-    for key in config[field]:
-      if key not in table:
-        raise validation.ConfigError(
-            f'config.{field} has {key!r}, not a known network; known: {", ".join(table)}')
-  if not config.seeds:
-    raise validation.ConfigError('config.seeds=() is invalid: give at least one seed')
-  runs = sweeps.grid_runs(config, workdir)
-  validate_runs(runs)
-  if mode == 'train':
-    sweeps.run_sweep(runs, _execute, shard=shard, num_shards=num_shards)
-  rows = sweeps.report_rows(runs)
-  if jax.process_index() == 0 and rows:
-    markdown = sweeps.write_report(
-        rows, workdir, title='Teacher × student (attention transfer)',
-        extra_columns={'Student params': lambda r: f'{r["student_params"]:,}'})
-    logging.info('Report written to %s:\n%s', os.path.join(workdir, 'report.md'), markdown)
-  return os.path.join(workdir, 'report.md')
-
-
-def darts_fisher(config: ml_collections.ConfigDict, workdir: str, *, mode: str = 'train',
-                 shard: int = 0, num_shards: int = 1) -> str:
-  """The darts_fisher pipeline (see :mod:`distill_jax.pipeline`).
-
-  ``mode='train'`` runs (or resumes) the seeds ``seeds[shard::num_shards]``; ``'report'``
-  writes the report and figure of finished seeds; ``'evaluate'`` only the report.
-  """
-  from distill_jax import pipeline  # pylint: disable=g-import-not-at-top
-  pipeline.validate(config)
-  validate_runs([sweeps.RunSpec(name='student', workdir='', config=sweeps.run_config(
-      config, dict(config.model), config.seeds[0]), stage=0, teacher='', student='', seed=0)])
-  runner = pipeline.Pipeline(config, workdir)
-  if mode == 'evaluate':
-    return runner.report()
-  if mode == 'report':
-    return runner.finish()
-  return runner.run(shard=shard, num_shards=num_shards)
-
-
-def darts_search(config: ml_collections.ConfigDict, workdir: str, *, mode: str = 'train') -> dict:
-  """The DARTS architecture search (see :mod:`distill_jax.search`); resumes from ``workdir``."""
-  from distill_jax import search  # pylint: disable=g-import-not-at-top
-  if mode == 'evaluate':
-    raise validation.ConfigError('--mode=evaluate is not available for config.job=darts_search; '
-                                 'the search writes its validation error to results.json')
-  return search.run_search(config, workdir)
-
-
-# Jobs made of independent runs that launch/sweep.py can shard (``shard=i, num_shards=n``).
-SHARDABLE_JOBS = {'teacher_student': teacher_student, 'darts_fisher': darts_fisher}
-JOBS = {'train': train, 'distill': distill, 'teacher_student': teacher_student,
-        'darts_fisher': darts_fisher, 'darts_search': darts_search}
-
-
-def run(config: ml_collections.ConfigDict, workdir: str, *, mode: str = 'train') -> dict:
+def job_module(config: ml_collections.ConfigDict):
   job = config.get('job', 'train')
   if job not in JOBS:
     raise validation.ConfigError(f'config.job={job!r} is invalid: allowed: {", ".join(JOBS)}')
-  return JOBS[job](config, workdir, mode=mode)
+  return JOBS[job]
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """The config checks of ``config.job``, before any compute."""
+  job_module(config).validate(config)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str,
+        options: JobOptions = JobOptions()):
+  """Runs ``config.job`` in ``workdir``: results (a dict) or the report's path."""
+  return job_module(config).run(config, workdir, options)

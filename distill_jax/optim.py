@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -32,3 +33,17 @@ def make_optimizer(opt: ml_collections.ConfigDict, schedule: optax.Schedule) -> 
     parts.append(optax.add_decayed_weights(opt.weight_decay))
   parts.append(optax.sgd(schedule, momentum=opt.momentum or None, nesterov=opt.nesterov))
   return optax.chain(*parts)
+
+
+def make_drop_path_schedule(drop_path_prob: float, *, steps_per_epoch: int,
+                            num_epochs: int) -> optax.Schedule | None:
+  """DARTS drop path per step, ramped linearly with the epoch as in the release
+  (``drop_path_prob * epoch / num_epochs``); ``None`` when it is off."""
+  if not drop_path_prob:
+    return None
+
+  def schedule(step):
+    epoch = (jnp.asarray(step) // steps_per_epoch).astype(jnp.float32)
+    return drop_path_prob * epoch / num_epochs
+
+  return schedule

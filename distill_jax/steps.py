@@ -1,4 +1,4 @@
-"""The jitted steps: ``train_step(state, batch, teacher) -> (state, metrics)`` and ``eval_step``.
+"""The jitted steps of training and distillation: ``train_step(state, batch, teacher) -> (state, metrics)`` and ``eval_step``.
 
 Both take the raw uint8 batch that :meth:`distill_jax.data.DeviceData.batch` gathers
 and do augmentation and normalisation themselves, so the input pipeline is part of
@@ -9,19 +9,20 @@ inside the same step.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from distill_jax import data as data_lib
 from distill_jax import losses
+from distill_jax.models import names
 
 
 @flax.struct.dataclass
@@ -38,24 +39,30 @@ class TrainState:
   rng: jax.Array
 
 
-@dataclasses.dataclass(frozen=True)
-class StepConfig:
-  """Static (hashable) settings of the compiled steps."""
-  mean: tuple[float, ...]
-  std: tuple[float, ...]
-  crop_padding: int = 4
-  flip: bool = True
-  cutout: int = 0
-  pad_mode: str = 'constant'
-  method: str = 'none'
-  alpha: float = 0.9
-  temperature: float = 4.0
-  beta: float = 1e3
-  at_form: str = 'released'
-  aux_weight: float = 0.0
-  drop_path_prob: float = 0.0
-  steps_per_epoch: int = 1
-  num_epochs: int = 1
+def make_augment(data: ml_collections.ConfigDict, mean: Sequence[float], std: Sequence[float]
+                 ) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  """``augment(uint8_images, key) -> normalised float32`` from ``config.data`` (crop padding,
+  pad mode, flip, cutout) and the dataset's per-channel mean and std."""
+  return functools.partial(data_lib.augment, crop_padding=data.crop_padding, flip=data.flip,
+                           cutout=data.cutout, pad_mode=data.pad_mode, mean=tuple(mean),
+                           std=tuple(std))
+
+
+def make_normalize(mean: Sequence[float], std: Sequence[float]
+                   ) -> Callable[[jax.Array], jax.Array]:
+  """``normalize(uint8_images) -> float32``: the evaluation preprocessing."""
+  return functools.partial(data_lib.normalize, mean=tuple(mean), std=tuple(std))
+
+
+def make_loss(distill: ml_collections.ConfigDict | None) -> Callable[..., tuple[jax.Array, dict]]:
+  """``loss(logits, labels, points, teacher_logits, teacher_points) -> (loss, terms)``:
+  :func:`distill_jax.losses.distillation_loss` with ``config.distill``'s method and weights
+  bound (cross-entropy alone without a ``distill`` section)."""
+  if distill is None:
+    return functools.partial(losses.distillation_loss, method='none')
+  return functools.partial(losses.distillation_loss, method=distill.method, alpha=distill.alpha,
+                           temperature=distill.temperature, beta=distill.beta,
+                           at_form=distill.at_form)
 
 
 def create_train_state(variables: dict, tx: optax.GradientTransformation, seed: int) -> TrainState:
@@ -74,22 +81,21 @@ def _topk_errors(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.A
   return 1.0 - hit[:, 0].astype(jnp.float32), 1.0 - hit.any(-1).astype(jnp.float32)
 
 
-def _model_kwargs(cfg: StepConfig, step: jax.Array) -> dict:
-  if not cfg.drop_path_prob:
-    return {}
-  # DARTS drop path ramps linearly with the epoch, as in the release.
-  epoch = (step // cfg.steps_per_epoch).astype(jnp.float32)
-  return {'drop_path_prob': cfg.drop_path_prob * epoch / cfg.num_epochs}
-
-
 def train_step(state: TrainState, batch: dict, teacher: dict | None, *, model: nn.Module,
-               tx: optax.GradientTransformation, schedule: optax.Schedule, cfg: StepConfig,
+               tx: optax.GradientTransformation, schedule: optax.Schedule,
+               augment: Callable[[jax.Array, jax.Array], jax.Array], loss_fn: Callable,
+               drop_path: optax.Schedule | None = None, aux_weight: float = 0.0,
                teacher_model: nn.Module | None = None) -> tuple[TrainState, dict]:
-  """One SGD step on a global batch; returns the new state and scalar metrics."""
+  """One SGD step on a global batch; returns the new state and scalar metrics.
+
+  ``augment`` (:func:`make_augment`) turns the raw batch into training inputs; ``loss_fn``
+  (:func:`make_loss`) scores the student against the labels and the teacher;
+  ``drop_path`` (:func:`distill_jax.optim.make_drop_path_schedule`) gives a DARTS
+  network's drop-path probability per step; ``aux_weight`` weighs the auxiliary head.
+  """
   step_rng = jax.random.fold_in(state.rng, state.step)
   aug_rng, dropout_rng = jax.random.split(step_rng)
-  images = data_lib.augment(batch['image'], aug_rng, crop_padding=cfg.crop_padding, flip=cfg.flip,
-                            cutout=cfg.cutout, pad_mode=cfg.pad_mode, mean=cfg.mean, std=cfg.std)
+  images = augment(batch['image'], aug_rng)
   labels = batch['label']
 
   teacher_logits = teacher_points = None
@@ -97,22 +103,22 @@ def train_step(state: TrainState, batch: dict, teacher: dict | None, *, model: n
     teacher_logits, teacher_points = teacher_model.apply(teacher, images, train=False)
     teacher_logits, teacher_points = jax.lax.stop_gradient((teacher_logits, teacher_points))
 
-  mutable = ['batch_stats', 'intermediates'] if cfg.aux_weight else ['batch_stats']
+  mutable = ['batch_stats', names.INTERMEDIATES] if aux_weight else ['batch_stats']
+  kwargs = {} if drop_path is None else {'drop_path_prob': drop_path(state.step)}
 
-  def loss_fn(params):
+  def objective(params):
     (logits, points), new_vars = model.apply(
         {'params': params, 'batch_stats': state.batch_stats}, images, train=True,
-        rngs={'dropout': dropout_rng}, mutable=mutable, **_model_kwargs(cfg, state.step))
-    loss, terms = losses.distillation_loss(
-        logits, labels, points, teacher_logits, teacher_points, method=cfg.method,
-        alpha=cfg.alpha, temperature=cfg.temperature, beta=cfg.beta, at_form=cfg.at_form)
-    if cfg.aux_weight:
-      (aux_logits,) = new_vars['intermediates']['aux_logits']
+        rngs={'dropout': dropout_rng}, mutable=mutable, **kwargs)
+    loss, terms = loss_fn(logits, labels, points, teacher_logits, teacher_points)
+    if aux_weight:
+      (aux_logits,) = new_vars[names.INTERMEDIATES][names.AUX_LOGITS]
       terms['aux'] = losses.cross_entropy(aux_logits, labels)
-      loss = loss + cfg.aux_weight * terms['aux']
+      loss = loss + aux_weight * terms['aux']
     return loss, (logits, new_vars['batch_stats'], terms)
 
-  (loss, (logits, batch_stats, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, (logits, batch_stats, terms)), grads = jax.value_and_grad(objective, has_aux=True)(
+      state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
 
@@ -130,13 +136,14 @@ def train_step(state: TrainState, batch: dict, teacher: dict | None, *, model: n
 
 
 def eval_step(state: TrainState, batch: dict, teacher: dict | None, *, model: nn.Module,
-              cfg: StepConfig, teacher_model: nn.Module | None = None) -> dict:
+              normalize: Callable[[jax.Array], jax.Array],
+              teacher_model: nn.Module | None = None) -> dict:
   """Sums over the (padded, masked) batch: loss, top-1/top-5 errors and the count.
 
   With a teacher, also the top-1 agreement with it and the attention distance (the
   released AT term, Σ over points of the mean squared map difference, without β).
   """
-  images = data_lib.normalize(batch['image'], cfg.mean, cfg.std)
+  images = normalize(batch['image'])
   logits, points = model.apply({'params': state.params, 'batch_stats': state.batch_stats}, images,
                                train=False)
   mask = batch['mask']
@@ -147,23 +154,25 @@ def eval_step(state: TrainState, batch: dict, teacher: dict | None, *, model: nn
   if teacher_model is not None:
     teacher_logits, teacher_points = teacher_model.apply(teacher, images, train=False)
     agree = (logits.argmax(-1) == teacher_logits.argmax(-1)).astype(jnp.float32)
-    # Per-example attention distance: vmap the layer losses over single examples.
-    per_example = jax.vmap(lambda s, t: sum(losses.at_layer_losses(
-        [x[None] for x in s], [x[None] for x in t])))(points, teacher_points)
+    per_example = losses.at_distance_per_example(points, teacher_points)
     sums.update(teacher_agreement=jnp.sum(agree * mask), at_distance=jnp.sum(per_example * mask))
   return sums
 
 
 def compile_steps(*, mesh: Mesh, model: nn.Module, tx: optax.GradientTransformation,
-                  schedule: optax.Schedule, cfg: StepConfig,
-                  teacher_model: nn.Module | None = None) -> tuple[Callable, Callable]:
+                  schedule: optax.Schedule, augment: Callable, normalize: Callable,
+                  loss_fn: Callable, drop_path: optax.Schedule | None = None,
+                  aux_weight: float = 0.0, teacher_model: nn.Module | None = None
+                  ) -> tuple[Callable, Callable]:
   """``train_step`` and ``eval_step`` jitted over ``mesh``: state replicated, batch on
   ``'data'``, the state donated."""
   replicated = NamedSharding(mesh, P())
   train = jax.jit(
-      functools.partial(train_step, model=model, tx=tx, schedule=schedule, cfg=cfg,
+      functools.partial(train_step, model=model, tx=tx, schedule=schedule, augment=augment,
+                        loss_fn=loss_fn, drop_path=drop_path, aux_weight=aux_weight,
                         teacher_model=teacher_model),
       out_shardings=(replicated, replicated), donate_argnums=(0,))
-  evaluate = jax.jit(functools.partial(eval_step, model=model, cfg=cfg, teacher_model=teacher_model),
+  evaluate = jax.jit(functools.partial(eval_step, model=model, normalize=normalize,
+                                       teacher_model=teacher_model),
                      out_shardings=replicated)
   return train, evaluate

@@ -6,7 +6,7 @@
 # report is written at the end.
 #
 #   launch/local_gpus.sh configs/teacher_student.py /tmp/grid [extra --config.x=y flags]
-#   launch/local_gpus.sh configs/darts_fisher.py /tmp/darts_fisher    # 5 seeds over the GPUs
+#   launch/local_gpus.sh configs/darts_fisher.py /tmp/darts_fisher    # its seeds over the GPUs
 #   NUM_GPUS=4 launch/local_gpus.sh configs/teacher_student.py:demo /tmp/grid_demo
 set -euo pipefail
 config=${1:?usage: launch/local_gpus.sh CONFIG WORKDIR [FLAGS...]}
@@ -17,11 +17,11 @@ num_gpus=$(( num_gpus > 0 ? num_gpus : 1 ))
 cd "$(dirname "$0")/.."
 pids=()
 for (( i = 0; i < num_gpus; i++ )); do
-  CUDA_VISIBLE_DEVICES=$i python launch/sweep.py --config="$config" --workdir="$workdir" \
+  CUDA_VISIBLE_DEVICES=$i python -m distill_jax.main --config="$config" --workdir="$workdir" \
       --shard="$i/$num_gpus" "$@" > "$workdir.shard$i.log" 2>&1 &
   pids+=($!)
 done
 status=0
 for pid in "${pids[@]}"; do wait "$pid" || status=1; done
-python launch/sweep.py --config="$config" --workdir="$workdir" --report_only "$@"
+python -m distill_jax.main --config="$config" --workdir="$workdir" --mode=report "$@"
 exit $status

@@ -12,14 +12,14 @@ import pytest
 from conftest import CACHE_DIR, REPO, load_config
 from distill_jax import checkpoint as ckpt_lib
 from distill_jax import jobs
-from distill_jax import pipeline
 from distill_jax import validation
 from distill_jax.config_lib import set_fields
+from distill_jax.options import JobOptions
 
 OVERRIDES = {
-    'model.layers': 3, 'model.init_channels': 4, 'seeds': (0,), 'num_epochs': 1,
+    'run.model.layers': 3, 'run.model.init_channels': 4, 'seeds': (0,), 'run.num_epochs': 1,
     'growth.depth_layers': 4, 'fisher.num_batches': 1, 'fisher.batch_size': 32,
-    'checkpoint_every_steps': 5, 'log_every_steps': 11, 'num_devices': 1,
+    'run.checkpoint_every_steps': 5, 'run.log_every_steps': 11, 'run.num_devices': 1,
 }
 
 
@@ -61,7 +61,7 @@ def test_pipeline_killed_resumed_finished_and_rerun_does_nothing(tmp_path):
   killed_step = ckpt_lib.latest_step(os.path.join(workdir, 'teachers', 'uniform', 'seed0'))
 
   config = tiny_config()
-  report = jobs.darts_fisher(config, workdir)
+  report = jobs.run(config, workdir)
   # Finished stages were not redone; the killed teacher resumed from its checkpoint.
   assert all(os.path.getmtime(p) == t for p, t in done_before.items())
   teacher = json.load(open(os.path.join(workdir, 'teachers', 'uniform', 'seed0', 'results.json')))
@@ -86,23 +86,23 @@ def test_pipeline_killed_resumed_finished_and_rerun_does_nothing(tmp_path):
   assert depth['model']['layers'] == 4
 
   finished = results_mtimes(workdir)
-  jobs.darts_fisher(config, workdir)
+  jobs.run(config, workdir)
   assert results_mtimes(workdir) == finished
 
-  # Sharded by seed (launch/sweep.py): shard 0/2 of seeds (0, 1) is seed 0 alone, already
+  # Sharded by seed (--shard=i/n): shard 0/2 of seeds (0, 1) is seed 0 alone, already
   # done, and a shard never writes the report; 'report' mode does.
   # The report covers the finished seeds only.
   report_mtime = os.path.getmtime(report)
   two_seeds = set_fields(tiny_config(), {'seeds': (0, 1)})
-  jobs.darts_fisher(two_seeds, workdir, shard=0, num_shards=2)
+  jobs.run(two_seeds, workdir, JobOptions(shard=0, num_shards=2))
   assert results_mtimes(workdir) == finished
   assert not os.path.exists(os.path.join(workdir, 'student', 'seed1'))
   assert os.path.getmtime(report) == report_mtime
   time.sleep(0.01)
-  jobs.darts_fisher(two_seeds, workdir, mode='report')
+  jobs.run(two_seeds, workdir, JobOptions(mode='report'))
   assert os.path.getmtime(report) > report_mtime and open(report).read() == text
   with pytest.raises(validation.ConfigError, match=r'no seed of config.seeds=\(5,\) has finished'):
-    jobs.darts_fisher(set_fields(tiny_config(), {'seeds': (5,)}), workdir, mode='report')
+    jobs.run(set_fields(tiny_config(), {'seeds': (5,)}), workdir, JobOptions(mode='report'))
 
 
 @pytest.mark.parametrize('field, value, message', [
@@ -114,6 +114,6 @@ def test_pipeline_killed_resumed_finished_and_rerun_does_nothing(tmp_path):
 def test_bad_pipeline_values(field, value, message, tmp_path):
   config = set_fields(tiny_config(), {field: value})
   with pytest.raises(validation.ConfigError) as e:
-    jobs.darts_fisher(config, str(tmp_path))
+    jobs.run(config, str(tmp_path))
   assert message in str(e.value)
   assert not os.listdir(tmp_path)

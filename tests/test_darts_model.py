@@ -1,8 +1,9 @@
 """Tests of the DARTS genotypes, operations and evaluation network.
 
-References: Liu, Simonyan & Yang, "DARTS: Differentiable Architecture Search" (ICLR 2019)
-and the facts of its release collected in FACTS.md (operations, genotypes, the 3.349342M
-parameter count of DARTS_V2 with C=36 and 20 cells).
+References: Liu, Simonyan & Yang, "DARTS: Differentiable Architecture Search" (ICLR 2019,
+arXiv:1806.09055) and the authors' public release github.com/quark0/darts (operations in
+``cnn/operations.py``, genotypes in ``cnn/genotypes.py``; its ``train.py`` prints the
+3.349342M parameters of DARTS_V2 with C=36 and 20 cells, auxiliary head excluded).
 """
 
 from __future__ import annotations
@@ -271,14 +272,32 @@ def test_forward_and_attention_points(genotype, tiny_v1):
   assert state['intermediates']['aux_logits'][0].shape == (2, 3)
 
 
-def test_fast_ops_match_lax_in_network(monkeypatch):
-  model = _tiny(genotype='DARTS_V2')
+def test_fast_ops_match_lax_in_network():
+  model = _tiny(genotype='DARTS_V2', impl='fast')
   x = jax.random.normal(jax.random.key(0), (2, 7, 7, 2))
   variables = init_variables(model, jax.random.key(1), x.shape)
   (fast, _), _ = model.apply(variables, x, train=True, mutable=['batch_stats'])
-  monkeypatch.setattr(ops, 'DEFAULT_IMPL', 'lax')
-  (ref, _), _ = model.apply(variables, x, train=True, mutable=['batch_stats'])
+  lax_model = _tiny(genotype='DARTS_V2', impl='lax')
+  assert jax.tree.structure(param_shapes(lax_model, x.shape)) == jax.tree.structure(variables)
+  (ref, _), _ = lax_model.apply(variables, x, train=True, mutable=['batch_stats'])
   np.testing.assert_allclose(fast, ref, rtol=1e-4, atol=1e-5)
+  (auto, _), _ = _tiny(genotype='DARTS_V2').apply(variables, x, train=True,
+                                                  mutable=['batch_stats'])
+  np.testing.assert_array_equal(auto, fast)  # 'auto' is 'fast' on CPU
+
+
+def test_resolve_impl():
+  assert jax.default_backend() == 'cpu'
+  assert ops.resolve_impl('auto') == ops.resolve_impl() == 'fast'
+  assert ops.resolve_impl('fast') == 'fast' and ops.resolve_impl('lax') == 'lax'
+  for bad in ('gpu', None, ''):
+    with pytest.raises(ValueError, match=r"impl=.* allowed: 'auto', 'fast', 'lax'$"):
+      ops.resolve_impl(bad)
+  with pytest.raises(ValueError, match=r"impl='cuda' .* allowed: 'auto', 'fast', 'lax'$"):
+    create_model('darts', impl='cuda')
+  with pytest.raises(ValueError, match=r"impl='cuda' .* allowed: 'auto', 'fast', 'lax'"):
+    ops.SepConv(4, 3, 1, 1, impl='cuda').init(jax.random.key(0), jnp.ones((1, 4, 4, 4)),
+                                              train=False)
 
 
 def test_auxiliary_head(tiny_v1):

@@ -4,6 +4,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
@@ -47,7 +48,7 @@ def models_config(name, **kwargs):
 @pytest.fixture(scope='module')
 def teacher_dir(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('teacher'))
-  train_lib.train_and_evaluate(jobs.teacher_config(tiny_distill_config()), workdir)
+  train_lib.train_and_evaluate(train_lib.teacher_config(tiny_distill_config()), workdir)
   return workdir
 
 
@@ -57,7 +58,7 @@ def test_distilled_student_ends_closer_to_its_teacher(teacher_dir, tmp_path):
   for method in ('none', 'kd_at'):
     config = tiny_distill_config(method, teacher_workdir=teacher_dir)
     workdir = str(tmp_path / method)
-    jobs.distill(config, workdir)
+    jobs.run(config, workdir)
     # Score both students against the same teacher (the baseline never saw it).
     scored = tiny_distill_config('kd_at', teacher_workdir=teacher_dir)
     scores[method] = train_lib.evaluate(scored, workdir, teacher=teacher)
@@ -70,7 +71,7 @@ def test_only_the_student_is_checkpointed(teacher_dir, tmp_path):
   config = tiny_distill_config('at', teacher_workdir=teacher_dir)
   config.num_epochs = 1
   config.checkpoint_every_steps = 10
-  results = jobs.distill(config, str(tmp_path))
+  results = jobs.run(config, str(tmp_path))
   with ocp.CheckpointManager(ckpt_lib.checkpoint_dir(str(tmp_path))) as manager:
     saved = manager.restore(manager.latest_step())
   student = models.param_shapes(models.create_model(**config.model), SHAPE)
@@ -90,13 +91,15 @@ def test_trainer_loss_is_one_call_of_distillation_loss(teacher_dir):
   variables = models.init_variables(student, jax.random.key(1), SHAPE)
   tx = optax.sgd(0.1)
   state = steps_lib.create_train_state(variables, tx, seed=0)
-  cfg = steps_lib.StepConfig(mean=dataset.mean, std=dataset.std, crop_padding=0, flip=False,
-                             method='kd_at', alpha=0.7, temperature=3.0, beta=30.0)
+  no_augmentation = ml_collections.ConfigDict(
+      {'crop_padding': 0, 'flip': False, 'cutout': 0, 'pad_mode': 'constant'})
   batch = {'image': jnp.asarray(dataset.train_images[:16]),
            'label': jnp.asarray(dataset.train_labels[:16])}
-  _, metrics = steps_lib.train_step(state, batch, teacher.variables, model=student, tx=tx,
-                                    schedule=optax.constant_schedule(0.1), cfg=cfg,
-                                    teacher_model=teacher.model)
+  _, metrics = steps_lib.train_step(
+      state, batch, teacher.variables, model=student, tx=tx,
+      schedule=optax.constant_schedule(0.1),
+      augment=steps_lib.make_augment(no_augmentation, dataset.mean, dataset.std),
+      loss_fn=steps_lib.make_loss(config.distill), teacher_model=teacher.model)
   images = data_lib.normalize(batch['image'], dataset.mean, dataset.std)
   (s_logits, s_points), _ = student.apply(variables, images, train=True, mutable=['batch_stats'])
   t_logits, t_points = teacher.model.apply(teacher.variables, images, train=False)
@@ -122,7 +125,7 @@ def test_mismatched_teacher_names_first_path_and_both_shapes(teacher_dir):
 def test_missing_teacher_checkpoint(tmp_path):
   config = tiny_distill_config('at', teacher_workdir=str(tmp_path / 'nowhere'))
   with pytest.raises(teacher_lib.TeacherError, match='holds no checkpoint'):
-    jobs.distill(config, str(tmp_path / 'student'))
+    jobs.run(config, str(tmp_path / 'student'))
   assert not os.path.exists(tmp_path / 'student' / 'checkpoints')
 
 

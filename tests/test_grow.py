@@ -19,7 +19,9 @@ import pytest
 from distill_jax import fisher as fisher_lib
 from distill_jax import grow as G
 from distill_jax import losses
-from distill_jax.models import count_params, create_model, darts_ops, init_variables, param_shapes
+from distill_jax.genotypes import Genotype
+from distill_jax.models import (count_params, create_model, darts_layout, darts_ops, init_variables,
+                                model_class, names, param_shapes)
 from distill_jax.models.darts import count_params_without_aux
 
 CFG = dict(name='darts', genotype='DARTS_V1', layers=5, init_channels=4, num_classes=10)
@@ -37,6 +39,16 @@ def _randomise_bn(variables: dict, seed: int = 3) -> dict:
 
   return {c: jax.tree_util.tree_map_with_path(leaf, variables[c])
           for c in ('params', 'batch_stats')}
+
+
+def _lax(monkeypatch, **overrides):
+  """Overrides selecting the lax convolutions (the same function, faster compiles): the
+  model's ``impl`` field where it has one, else the module default of darts_ops."""
+  if 'impl' in model_class('darts').__dataclass_fields__:
+    return {**overrides, 'impl': 'lax'}
+  if hasattr(darts_ops, 'DEFAULT_IMPL'):
+    monkeypatch.setattr(darts_ops, 'DEFAULT_IMPL', 'lax')
+  return overrides
 
 
 def _student(**overrides):
@@ -71,7 +83,7 @@ def _favouring(cell, calls=None):
     if calls is not None:
       calls.append((config, variables))
     chans = create_model(**config).resolved_cell_channels()
-    return {f'cell{i}/output': np.full(4 * c, 10.0 if i == cell else 1.0)
+    return {names.cell_output(i): np.full(4 * c, 10.0 if i == cell else 1.0)
             for i, c in enumerate(chans)}
   return fisher
 
@@ -102,9 +114,98 @@ def _halves(c_old, c_new):
 def test_param_count_formula_matches_shapes(overrides):
   cfg = {**CFG, **overrides}
   shapes = param_shapes(create_model(**cfg), (1, 8, 8, 3))
-  layout = G._Darts.from_config(cfg, 3)
+  layout = G.Layout.from_config(cfg, 3)
   assert layout.count() == count_params_without_aux(shapes['params'])
   assert layout.count(include_aux=True) == count_params(shapes['params'])
+
+
+# Every primitive with parameters in both cell types, a stride-2 skip_connect (a
+# FactorizedReduce operation) in the reduction cell, grouped and depthwise cells.
+_ALL_OPS = Genotype(
+    normal=(('sep_conv_3x3', 0), ('sep_conv_5x5', 1), ('dil_conv_3x3', 0), ('dil_conv_5x5', 2),
+            ('skip_connect', 0), ('max_pool_3x3', 3), ('avg_pool_3x3', 1), ('none', 4)),
+    normal_concat=(2, 3, 4, 5),
+    reduce=(('skip_connect', 0), ('sep_conv_5x5', 1), ('dil_conv_5x5', 0), ('sep_conv_3x3', 2),
+            ('max_pool_3x3', 1), ('dil_conv_3x3', 3), ('avg_pool_3x3', 0), ('skip_connect', 4)),
+    reduce_concat=(3, 4, 5))
+_LAYOUT_CFGS = [
+    dict(CFG, genotype=_ALL_OPS, auxiliary=True, num_classes=7),
+    dict(CFG, genotype=_ALL_OPS, auxiliary=True, num_classes=7, cell_channels=(6, 8, 12, 16, 20),
+         cell_groups=(2, None, 4, 1, 5)),  # [0] with other widths and groups only
+    dict(CFG, genotype='DARTS_V2', layers=7, init_channels=6, stem_multiplier=2),
+]
+
+
+@pytest.fixture(scope='module')
+def all_ops_student():
+  cfg = _LAYOUT_CFGS[0]
+  return cfg, init_variables(create_model(**cfg), jax.random.key(0), (1, 8, 8, 3))
+
+
+def test_darts_layout_count_matches_real_variables(all_ops_student):
+  # A renamed or reshaped layer of models/darts.py or models/darts_ops.py breaks this.
+  cfg, variables = all_ops_student
+  layout = darts_layout.DartsLayout.from_model(create_model(**cfg), 3)
+  assert layout.count() == count_params_without_aux(variables['params'])
+  assert layout.count(include_aux=True) == count_params(variables['params'])
+  assert darts_layout.STEM_CONV in variables['params'] and names.AUX_HEAD in variables['params']
+  for cfg in _LAYOUT_CFGS[1:]:
+    shapes = param_shapes(create_model(**cfg), (1, 8, 8, 3))
+    layout = darts_layout.DartsLayout.from_model(create_model(**cfg), 3)
+    assert layout.count(include_aux=True) == count_params(shapes['params'])
+    assert layout.count() == count_params_without_aux(shapes['params'])
+
+
+def _space_size(layout, space):
+  c = layout.chans[space.index] if space.kind != darts_layout.OUTPUT else None
+  if space.kind == darts_layout.CELL:
+    return c
+  if space.kind == darts_layout.HALF:
+    return c // 2 if space.half == 0 else c - c // 2
+  return layout.out_channels(space.index)
+
+
+def test_channel_axes_cover_real_variables(all_ops_student):
+  # Every leaf of real trees has a rule, its axes have the sizes of their channel spaces,
+  # the leaves without channel axes do not change with the widths, and every layer name
+  # the rules match occurs in a real tree.
+  from flax import traverse_util
+  _, real = all_ops_student
+  trees = {}
+  for cfg in _LAYOUT_CFGS[:2]:
+    model = create_model(**cfg)
+    trees[darts_layout.DartsLayout.from_model(model, 3)] = param_shapes(model, (1, 8, 8, 3))
+  (base, base_tree), (wide, wide_tree) = trees.items()
+  assert jax.tree.map(np.shape, param_shapes(create_model(**_LAYOUT_CFGS[0]), (1, 8, 8, 3))) == \
+      jax.tree.map(np.shape, real)
+  seen = set()
+  for layout, tree in trees.items():
+    for collection in ('params', 'batch_stats'):
+      flat = traverse_util.flatten_dict(tree[collection])
+      other = traverse_util.flatten_dict((base_tree if layout is wide else wide_tree)[collection])
+      assert set(flat) == set(other)
+      for path, leaf in flat.items():
+        seen.update(path[:-1])
+        rule = darts_layout.channel_axes(path, layout)
+        assert rule is not None, path
+        shape = leaf.shape
+        if rule.grouped:
+          i = rule.writes.index
+          groups = layout.chans[i] if layout.groups[i] is None else layout.groups[i]
+          assert shape[rule.out_axis] == layout.chans[i], path
+          assert shape[rule.in_axis] * groups == _space_size(layout, rule.reads), path
+          continue
+        if rule.reads is not None:
+          assert shape[rule.in_axis] == _space_size(layout, rule.reads), path
+        if rule.writes is not None:
+          assert shape[rule.out_axis] == _space_size(layout, rule.writes), path
+        if rule == darts_layout.FIXED:
+          assert shape == other[path].shape, path
+  assert darts_layout.rule_layer_names() <= seen
+  assert {names.cell_name(i) for i in range(5)} <= seen
+  assert {darts_layout.op_name(e) for e in (0, 1, 2, 3, 5)} <= seen  # the ops with parameters
+  assert darts_layout.channel_axes(('cell9', 'op0', 'pw1', 'kernel'), base) is None
+  assert darts_layout.channel_axes(('cell0', 'op0', 'pw9', 'kernel'), base) is None
 
 
 # ------------------------------------------------------------------------- the strategies
@@ -147,10 +248,10 @@ def test_uniform_and_fisher_land_on_target(student):
 def test_paper_rule_first_step_and_release_rule(student):
   cfg, variables = student
   chans = (4, 8, 8, 16, 16)
-  fisher = {f'cell{i}/output': np.zeros(4 * c) for i, c in enumerate(chans)}
-  fisher['cell0/output'] = np.full(16, 0.5)  # the largest sum
-  fisher['cell4/output'] = np.zeros(64)
-  fisher['cell4/output'][37] = 2.0  # the largest single channel
+  fisher = {names.cell_output(i): np.zeros(4 * c) for i, c in enumerate(chans)}
+  fisher[names.cell_output(0)] = np.full(16, 0.5)  # the largest sum
+  fisher[names.cell_output(4)] = np.zeros(64)
+  fisher[names.cell_output(4)][37] = 2.0  # the largest single channel
   _, _, hist = G.grow_with_history(cfg, variables, strategy='fisher', fisher=fisher,
                                    input_shape=SHAPE)
   assert hist[0]['cell'] == 4 and hist[0]['score'] == 2.0
@@ -164,13 +265,12 @@ def test_paper_rule_first_step_and_release_rule(student):
 
 
 def test_fisher_dict_from_channel_fisher(monkeypatch):
-  monkeypatch.setattr(darts_ops, 'DEFAULT_IMPL', 'lax')  # same function, faster compiles
-  cfg, variables = _student(layers=3)
+  cfg, variables = _student(**_lax(monkeypatch, layers=3))
   model = create_model(**cfg)
   k1, k2 = jax.random.split(jax.random.key(7))
   x, y = jax.random.normal(k1, (6, 8, 8, 1)), jax.random.randint(k2, (6,), 0, 10)
   delta = fisher_lib.channel_fisher(model, variables, x, y)
-  best = int(np.argmax([float(np.max(delta[f'cell{i}/output'])) for i in range(3)]))
+  best = int(np.argmax([float(np.max(delta[names.cell_output(i)])) for i in range(3)]))
   cfg_f, v_f, hist = G.grow_with_history(cfg, variables, strategy='fisher', fisher=delta,
                                          input_shape=SHAPE)
   assert hist[0]['cell'] == best
@@ -365,8 +465,7 @@ def _sgd_step(cfg, variables, x):
 ], ids=['uniform', 'fisher', 'depth', 'denser'])
 def test_grown_network_trains(kw, monkeypatch):
   # 3 cells and lax convolutions (the same function) keep the gradient compiles short.
-  monkeypatch.setattr(darts_ops, 'DEFAULT_IMPL', 'lax')
-  cfg, variables = _student(layers=3)
+  cfg, variables = _student(**_lax(monkeypatch, layers=3))
   cfg_g, grown = G.grow(cfg, variables, rng=1, input_shape=SHAPE, **kw)
   assert _n(grown) > _n(variables)
   x = jax.random.normal(jax.random.key(8), (2, 8, 8, 1))
@@ -432,7 +531,7 @@ def test_errors(student):
   with pytest.raises(ValueError, match='model_config describes'):
     G.grow({**cfg, 'init_channels': 6}, variables, strategy='uniform', input_shape=SHAPE)
   with pytest.raises(ValueError, match='lacks .cell1/output'):
-    G.grow(cfg, variables, strategy='fisher', fisher={'cell0/output': np.ones(16)},
+    G.grow(cfg, variables, strategy='fisher', fisher={names.cell_output(0): np.ones(16)},
            input_shape=SHAPE)
   # Coarse widths (groups 8 and 16 need multiples of 8 and 16) cannot land within ±3%.
   cfg_g, v_g = _student(genotype='DARTS_V2', cell_groups=(None, None, 8, None, 16))

@@ -212,3 +212,31 @@ def test_perturbations(key, names, rng):
   sown = state['intermediates']
   assert sorted(sown) == sorted(names)
   np.testing.assert_array_equal(sown[last][0], points[2])
+
+
+def test_batch_norm_helper_train_and_affine():
+  from distill_jax.models import layers  # pylint: disable=g-import-not-at-top
+  x = jax.random.normal(jax.random.key(0), (4, 3, 3, 2)) * 3.0 + 1.0
+  v = layers.batch_norm(train=False, dtype=jnp.float32, name='bn').init(jax.random.key(0), x)
+  assert set(v['params']) == {'scale', 'bias'} and set(v['batch_stats']) == {'mean', 'var'}
+  bn = layers.batch_norm(train=True, affine=False, dtype=jnp.float32, name='bn')
+  v = bn.init(jax.random.key(0), x)
+  assert 'params' not in v and set(v['batch_stats']) == {'mean', 'var'}
+  y, state = bn.apply(v, x, mutable=['batch_stats'])
+  np.testing.assert_allclose(jnp.mean(y, axis=(0, 1, 2)), 0.0, atol=1e-5)
+  # PyTorch's momentum 0.1: the running mean moves a tenth of the way to the batch mean.
+  np.testing.assert_allclose(state['batch_stats']['mean'], 0.1 * jnp.mean(x, axis=(0, 1, 2)),
+                             rtol=1e-5)
+
+
+def test_point_names_come_from_names_module(rng):
+  from distill_jax.models import names  # pylint: disable=g-import-not-at-top
+  assert names.wrn_block_output(2, 0) == 'group2_block0_out'
+  assert names.densenet_block_output(1) == 'block1_out'
+  assert names.densenet_transition_output(0) == 'transition0_out'
+  assert names.cell_output(3) == 'cell3/output'
+  name, fields, _ = TINY['wrn']
+  shapes = jax.eval_shape(lambda: models.create_model(name, **fields).init(
+      rng, jnp.zeros(DIGITS), train=False))
+  assert sorted(shapes[names.PERTURBATIONS]) == [names.wrn_block_output(g, 0) for g in range(3)]
+  assert names.CLASSIFIER in shapes['params'] and names.wrn_block_name(0, 0) in shapes['params']

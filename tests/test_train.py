@@ -16,6 +16,7 @@ from conftest import CACHE_DIR, REPO, tiny_train_config
 from distill_jax import checkpoint as ckpt_lib
 from distill_jax import jobs
 from distill_jax import models
+from distill_jax import loop
 from distill_jax import train as train_lib
 from distill_jax import validation
 
@@ -35,7 +36,7 @@ def run_main(args, **kwargs):
 
 def overrides(config):
   """``--config.a.b=v`` flags that turn configs/train.py:demo into ``config``."""
-  flat = train_lib._flatten(config.to_dict())  # pylint: disable=protected-access
+  flat = loop.flatten(config.to_dict())
   return [f'--config.{k}={v}' for k, v in flat.items()
           if k not in ('optimizer.milestones',) and v != '']
 
@@ -131,7 +132,7 @@ def test_non_finite_loss_stops_with_step_range_and_no_bad_checkpoint(tmp_path):
   config.optimizer.learning_rate = 300.0  # diverges after a few steps
   config.optimizer.schedule = 'constant'
   workdir = str(tmp_path / 'nan')
-  with pytest.raises(train_lib.NonFiniteLossError, match=r'at step \d+ \(steps \d+-\d+ checked'):
+  with pytest.raises(loop.NonFiniteLossError, match=r'at step \d+ \(steps \d+-\d+ checked'):
     train_lib.train_and_evaluate(config, workdir)
   assert not any('tmp' in name for name in os.listdir(ckpt_lib.checkpoint_dir(workdir)))
   with ocp.CheckpointManager(ckpt_lib.checkpoint_dir(workdir)) as manager:

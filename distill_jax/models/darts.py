@@ -1,8 +1,10 @@
 """The DARTS evaluation network for CIFAR-sized images (Flax linen).
 
 Liu, Simonyan & Yang, "DARTS: Differentiable Architecture Search" (ICLR 2019,
-arXiv:1806.09055), section 3 and appendix A.2; structure as in the authors' release
-(``NetworkCIFAR``), written anew. See ``FACTS.md`` (DARTS) for the facts used.
+arXiv:1806.09055), section 3 and appendix A.2; structure as in the authors' public
+release (github.com/quark0/darts, ``NetworkCIFAR`` and ``AuxiliaryHeadCIFAR`` in
+``cnn/model.py``; genotypes in ``cnn/genotypes.py``), written anew. The release reports
+3.349342M parameters (auxiliary head excluded) for DARTS_V2 with C=36 and 20 cells.
 
 Structure: stem 3x3 conv (``in -> stem_multiplier * C``) + BN; ``layers`` cells, the ones
 at ``layers // 3`` and ``2 * layers // 3`` reduction cells (stride 2, channels doubled);
@@ -24,14 +26,21 @@ Interface (common to ``distill_jax.models``)::
 on CIFAR): the outputs of cell 0, of the first reduction cell and of the second
 reduction cell.
 
-Parameter names are predictable: ``stem_conv``, ``stem_bn``, ``cell{i}`` (inside:
-``preprocess0``, ``preprocess1``, ``op{e}`` for edge ``e`` of the genotype in its order),
-``aux_head`` and ``classifier``. Each cell marks its output with
-``layers.mark(self, 'output', ...)`` (a perturbation plus the value sown in
+Parameter names are predictable: ``stem_conv``, ``stem_bn``, ``cell{i}``
+(:func:`names.cell_name`; inside: ``preprocess0``, ``preprocess1``, ``op{e}`` for edge
+``e`` of the genotype in its order), ``aux_head`` (:data:`names.AUX_HEAD`) and
+``classifier`` (:data:`names.CLASSIFIER`). Each cell marks its output with
+``layers.mark(self, names.OUTPUT, ...)`` (a perturbation plus the value sown in
 ``'intermediates'``), so with the ``'perturbations'`` collection the gradient
 with respect to cell ``i``'s output is ``grads['perturbations'][f'cell{i}']['output']``
-(a perturbation can not share the name ``cell{i}`` with the submodule at the network
-level, so it lives inside the cell).
+and its Fisher point is :func:`names.cell_output` (``'cell{i}/output'``; a perturbation
+can not share the name ``cell{i}`` with the submodule at the network level, so it lives
+inside the cell).
+
+Implementation. ``impl`` ('auto', 'fast' or 'lax'; see
+:func:`distill_jax.models.darts_ops.resolve_impl`) picks how the cell operations are
+computed: 'auto' is the shifted-slice forms on CPU and library convolutions on GPU/TPU.
+Parameters and outputs do not depend on it.
 """
 
 from __future__ import annotations
@@ -44,9 +53,10 @@ import jax
 import jax.numpy as jnp
 
 from distill_jax.genotypes import NUM_NODES, Genotype, GenotypeLike, get_genotype
-from distill_jax.models.layers import mark
-from distill_jax.models.darts_ops import (Conv, FactorizedReduce, ReLUConvBN, batch_norm,
+from distill_jax.models import names
+from distill_jax.models.darts_ops import (Conv, FactorizedReduce, ReLUConvBN, check_impl,
                                           is_identity, make_op, torch_default_init)
+from distill_jax.models.layers import batch_norm, mark
 
 Dtype = Any
 
@@ -85,6 +95,7 @@ class Cell(nn.Module):
     reduction_prev: the previous cell reduced (``s0`` has twice ``s1``'s spatial size).
     groups: groups of the separable / dilated convolutions (None = depthwise).
     dtype: computation dtype.
+    impl: darts_ops implementation ('auto', 'fast', 'lax').
   """
   genotype: Genotype
   channels: int
@@ -92,6 +103,7 @@ class Cell(nn.Module):
   reduction_prev: bool
   groups: int | None = None
   dtype: Dtype = jnp.float32
+  impl: str = 'auto'
 
   @nn.compact
   def __call__(self, s0: jnp.ndarray, s1: jnp.ndarray, *, train: bool,
@@ -99,10 +111,11 @@ class Cell(nn.Module):
     """Applies the cell; ``drop_prob`` (None = no drop path) needs the 'dropout' rng."""
     c = self.channels
     if self.reduction_prev:
-      s0 = FactorizedReduce(c, dtype=self.dtype, name='preprocess0')(s0, train=train)
+      s0 = FactorizedReduce(c, dtype=self.dtype, impl=self.impl, name='preprocess0')(
+          s0, train=train)
     else:
-      s0 = ReLUConvBN(c, dtype=self.dtype, name='preprocess0')(s0, train=train)
-    s1 = ReLUConvBN(c, dtype=self.dtype, name='preprocess1')(s1, train=train)
+      s0 = ReLUConvBN(c, dtype=self.dtype, impl=self.impl, name='preprocess0')(s0, train=train)
+    s1 = ReLUConvBN(c, dtype=self.dtype, impl=self.impl, name='preprocess1')(s1, train=train)
 
     if self.reduction:
       pairs, concat = self.genotype.reduce, self.genotype.reduce_concat
@@ -114,18 +127,19 @@ class Cell(nn.Module):
       for e in (2 * node, 2 * node + 1):
         op_name, idx = pairs[e]
         stride = 2 if self.reduction and idx < 2 else 1
-        op = make_op(op_name, c, c, stride, True, self.groups, self.dtype, name=f'op{e}')
+        op = make_op(op_name, c, c, stride, True, self.groups, self.dtype, impl=self.impl,
+                     name=f'op{e}')
         h = op(states[idx], train=train)
         if drop_prob is not None and not is_identity(op):
           h = drop_path(h, drop_prob, self.make_rng('dropout'))
         total = h if total is None else total + h
       states.append(total)
     out = jnp.concatenate([states[i] for i in concat], axis=-1)
-    return mark(self, 'output', out)
+    return mark(self, names.OUTPUT, out)
 
 
 class AuxiliaryHead(nn.Module):
-  """The release's CIFAR auxiliary classifier on an 8x8 map.
+  """The release's CIFAR auxiliary classifier (``AuxiliaryHeadCIFAR``) on an 8x8 map.
 
   ReLU -> avg pool 5 stride 3 (no padding) -> 1x1 conv 128 -> BN -> ReLU -> 2x2 conv 768
   -> BN -> ReLU -> linear. On maps smaller than 8x8 (small images) the pooling window is
@@ -135,20 +149,21 @@ class AuxiliaryHead(nn.Module):
   """
   num_classes: int
   dtype: Dtype = jnp.float32
+  impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
     x = nn.relu(x)
     _, h, w, _ = x.shape
     x = nn.avg_pool(x, (min(5, h), min(5, w)), strides=(3, 3), padding='VALID')
-    x = Conv(128, 1, dtype=self.dtype, name='conv1')(x)
-    x = nn.relu(batch_norm(True, self.dtype, 'bn1')(x, use_running_average=not train))
+    x = Conv(128, 1, dtype=self.dtype, impl=self.impl, name='conv1')(x)
+    x = nn.relu(batch_norm(train=train, dtype=self.dtype, name='bn1')(x))
     _, h, w, _ = x.shape
     x = jnp.pad(x, ((0, 0), (0, max(0, 2 - h)), (0, max(0, 2 - w)), (0, 0)))
-    x = Conv(768, 2, dtype=self.dtype, name='conv2')(x)
-    x = nn.relu(batch_norm(True, self.dtype, 'bn2')(x, use_running_average=not train))
+    x = Conv(768, 2, dtype=self.dtype, impl=self.impl, name='conv2')(x)
+    x = nn.relu(batch_norm(train=train, dtype=self.dtype, name='bn2')(x))
     x = jnp.mean(x, axis=(1, 2))
-    return _dense(self.num_classes, 768, self.dtype, 'classifier')(x).astype(jnp.float32)
+    return _dense(self.num_classes, 768, self.dtype, names.CLASSIFIER)(x).astype(jnp.float32)
 
 
 class DartsNetwork(nn.Module):
@@ -160,7 +175,7 @@ class DartsNetwork(nn.Module):
     init_channels: ``C`` of the first cells.
     num_classes: classifier outputs.
     auxiliary: build the auxiliary head after cell ``2 * layers // 3`` (train mode only;
-      its logits are sown as ``intermediates/aux_logits``).
+      its logits are sown as ``intermediates/aux_logits``, :data:`names.AUX_LOGITS`).
     drop_path_prob: default drop-path probability in train mode (overridable per call).
     cell_channels: ``C`` of each cell (length ``layers``); default ``init_channels``
       doubled at each reduction cell. Reductions stay at the same positions.
@@ -168,6 +183,9 @@ class DartsNetwork(nn.Module):
       entries or None = depthwise). Must divide that cell's ``C``.
     stem_multiplier: stem width ``stem_multiplier * C``.
     dtype: computation dtype (parameters are float32; logits are returned as float32).
+    impl: how the cell operations are computed: 'auto' (default: 'fast' on CPU, 'lax' on
+      GPU/TPU, resolved at trace time), 'fast' or 'lax'
+      (:func:`distill_jax.models.darts_ops.resolve_impl`). Same parameters and outputs.
   """
   genotype: GenotypeLike = 'DARTS_V2'
   layers: int = 20
@@ -179,6 +197,11 @@ class DartsNetwork(nn.Module):
   cell_groups: tuple[int | None, ...] | None = None
   stem_multiplier: int = 3
   dtype: Dtype = jnp.float32
+  impl: str = 'auto'
+
+  def __post_init__(self) -> None:
+    check_impl(self.impl)
+    super().__post_init__()
 
   def reduction_indices(self) -> tuple[int, int]:
     """Indices of the two reduction cells."""
@@ -247,29 +270,30 @@ class DartsNetwork(nn.Module):
     drop_prob = p if use_drop else None
 
     s = Conv(self.stem_multiplier * self.init_channels, 3, 1, 1, dtype=self.dtype,
-             name='stem_conv')(x)
-    s = batch_norm(True, self.dtype, 'stem_bn')(s, use_running_average=not train)
+             impl=self.impl, name='stem_conv')(x)
+    s = batch_norm(train=train, dtype=self.dtype, name='stem_bn')(s)
     s0 = s1 = s
     points = []
     reduction_prev = False
     for i in range(self.layers):
       reduction = i in (r1, r2)
       cell = Cell(genotype, chans[i], reduction, reduction_prev, groups[i], self.dtype,
-                  name=f'cell{i}')
+                  self.impl, name=names.cell_name(i))
       s0, s1 = s1, cell(s0, s1, train=train, drop_prob=drop_prob)
       if i == 0 or reduction:
         points.append(s1)
       if i == r2 and self.auxiliary and (train or self.is_initializing()):
-        aux = AuxiliaryHead(self.num_classes, self.dtype, name='aux_head')(s1, train=train)
+        aux = AuxiliaryHead(self.num_classes, self.dtype, self.impl, name=names.AUX_HEAD)(
+            s1, train=train)
         if train:
-          self.sow('intermediates', 'aux_logits', aux)
+          self.sow(names.INTERMEDIATES, names.AUX_LOGITS, aux)
       reduction_prev = reduction
     out = jnp.mean(s1, axis=(1, 2))
-    logits = _dense(self.num_classes, out.shape[-1], self.dtype, 'classifier')(out)
+    logits = _dense(self.num_classes, out.shape[-1], self.dtype, names.CLASSIFIER)(out)
     return logits.astype(jnp.float32), tuple(points)
 
 
 def count_params_without_aux(params: Any) -> int:
   """Trainable parameters excluding the auxiliary head (the figure the release reports)."""
-  params = {k: v for k, v in params.items() if k != 'aux_head'}
+  params = {k: v for k, v in params.items() if k != names.AUX_HEAD}
   return int(sum(math.prod(x.shape) for x in jax.tree.leaves(params)))

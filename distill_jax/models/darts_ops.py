@@ -2,19 +2,24 @@
 and the search supernet.
 
 Operations follow Liu, Simonyan & Yang, "DARTS: Differentiable Architecture Search"
-(ICLR 2019, arXiv:1806.09055) and the definitions of the authors' release (see
-``FACTS.md``): separable convolutions applied twice, dilated separable convolutions
-applied once, 3x3 pooling with padding 1 (average pooling does not count the padding),
-identity / factorized reduction for ``skip_connect`` and zeros for ``none``. Convolutions
-have no bias; batch norm uses momentum 0.9 (PyTorch's 0.1) and epsilon 1e-5, with an
-``affine`` switch (the supernet uses ``affine=False``).
+(ICLR 2019, arXiv:1806.09055) and the definitions of the authors' public release
+(github.com/quark0/darts, ``cnn/operations.py``): separable convolutions applied twice,
+dilated separable convolutions applied once, 3x3 pooling with padding 1 (average pooling
+does not count the padding, ``count_include_pad=False``), identity / factorized
+reduction for ``skip_connect`` and zeros for ``none``. Convolutions have no bias; batch
+norm (:func:`distill_jax.models.layers.batch_norm`) uses momentum 0.9 (PyTorch's 0.1)
+and epsilon 1e-5, with an ``affine`` switch (the supernet uses ``affine=False``).
 
 Every operation module is called as ``op(x, train=...)`` on NHWC inputs. :data:`OPS`
 maps each primitive name to a constructor
 ``OPS[name](C_in, C_out, stride, affine, groups, dtype) -> nn.Module``.
 
+Implementations. Every module (and pooling function) takes ``impl``: ``'fast'``,
+``'lax'`` or ``'auto'`` (the default), which :func:`resolve_impl` turns into ``'fast'``
+when ``jax.default_backend() == 'cpu'`` and ``'lax'`` on GPU/TPU, at trace time.
+
 Speed on CPU. XLA's CPU convolutions are slow for depthwise kernels and especially for
-their gradients, so by default (``impl='fast'``) this module writes
+their gradients, so ``impl='fast'`` writes
 - a depthwise k x k convolution as a sum of k*k shifted (strided, dilated) slices times
   per-channel weights,
 - a grouped (denser than depthwise) k x k convolution as per-group patches of the k*k
@@ -25,7 +30,9 @@ their gradients, so by default (``impl='fast'``) this module writes
 - 3x3 max / average pooling as a chain of maxima / a sum of shifted slices.
 These compute the same function as ``lax.conv_general_dilated`` / ``lax.reduce_window``
 (the tests check it numerically) and keep the parameter layout of ``nn.Conv``
-(kernel ``(kh, kw, C_in // groups, C_out)``), so ``impl='lax'`` is a drop-in reference.
+(kernel ``(kh, kw, C_in // groups, C_out)``), so ``impl='lax'`` is a drop-in reference
+and the form for accelerators, whose library convolutions (``lax.conv_general_dilated``
+with ``feature_group_count``, ``lax.reduce_window``) are the fast path there.
 Dense k x k convolutions of several input channels (the stem) use ``lax``. During
 ``init`` (which runs op by op, outside ``jit``) modules use ``lax``: the same function
 with fewer eager dispatches.
@@ -39,34 +46,47 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from distill_jax.models.layers import batch_norm
+
 Dtype = Any
 
-# Implementation used when a module's ``impl`` is None: 'fast' (shifted slices, matrix
-# products) or 'lax' (lax convolutions and reduce_window). Read at trace time.
-DEFAULT_IMPL = 'fast'
+# The values of every ``impl`` field and argument here.
+IMPLS: tuple[str, ...] = ('auto', 'fast', 'lax')
 
 # PyTorch's default conv/linear weight init: kaiming_uniform(a=sqrt(5)) == U(+-1/sqrt(fan_in)).
 torch_default_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
 
-BN_MOMENTUM = 0.9
-BN_EPSILON = 1e-5
 
-
-def _resolve_impl(impl: str | None) -> str:
-  impl = impl or DEFAULT_IMPL
-  if impl not in ('fast', 'lax'):
-    raise ValueError(f'impl={impl!r} is not an implementation; allowed: fast, lax')
+def check_impl(impl: str) -> str:
+  """Returns ``impl`` if it is one of :data:`IMPLS`, else raises a one-line ValueError."""
+  if not isinstance(impl, str) or impl not in IMPLS:
+    raise ValueError(f'impl={impl!r} is not a DARTS operation implementation; allowed: '
+                     f"{', '.join(repr(i) for i in IMPLS)}")
   return impl
 
 
-def _module_impl(module: nn.Module, impl: str | None) -> str:
+def resolve_impl(impl: str = 'auto') -> str:
+  """``'fast'`` or ``'lax'`` for an ``impl`` of :data:`IMPLS`.
+
+  ``'auto'`` is ``'fast'`` (shifted slices and matrix products, see the module docstring)
+  when ``jax.default_backend() == 'cpu'`` and ``'lax'`` (library convolutions and
+  ``reduce_window``) on GPU/TPU. Call it at trace time, so the backend is the one the
+  computation runs on.
+  """
+  if check_impl(impl) == 'auto':
+    return 'fast' if jax.default_backend() == 'cpu' else 'lax'
+  return impl
+
+
+def _module_impl(module: nn.Module, impl: str) -> str:
   """A module's implementation: 'lax' while initialising (the same function, but fewer
-  eager dispatches: ``init`` runs op by op outside ``jit``), else ``impl``."""
-  impl = _resolve_impl(impl)
+  eager dispatches: ``init`` runs op by op outside ``jit``), else ``resolve_impl(impl)``."""
+  impl = resolve_impl(impl)
   return 'lax' if module.is_initializing() else impl
 
 
@@ -106,12 +126,6 @@ def _subsample(x: jnp.ndarray, stride: int) -> jnp.ndarray:
   return lax.slice(x, (0, 0, 0, 0), (n, h, w, c), (1, stride, stride, 1))
 
 
-def batch_norm(affine: bool, dtype: Dtype, name: str | None = None) -> nn.BatchNorm:
-  """BatchNorm as in the release (PyTorch momentum 0.1 == flax 0.9, eps 1e-5)."""
-  return nn.BatchNorm(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, use_scale=affine,
-                      use_bias=affine, dtype=dtype, name=name)
-
-
 class Conv(nn.Module):
   """A bias-free 2-D convolution with ``nn.Conv``'s kernel layout and a fast CPU path.
 
@@ -123,7 +137,7 @@ class Conv(nn.Module):
     dilation: kernel dilation.
     groups: feature groups (``C_in`` for depthwise); must divide ``C_in`` and ``features``.
     dtype: computation dtype (parameters stay float32).
-    impl: 'fast', 'lax' or None (module default :data:`DEFAULT_IMPL`).
+    impl: 'auto' (default), 'fast' or 'lax'; see :func:`resolve_impl`.
   """
   features: int
   kernel_size: int = 1
@@ -132,7 +146,7 @@ class Conv(nn.Module):
   dilation: int = 1
   groups: int = 1
   dtype: Dtype = jnp.float32
-  impl: str | None = None
+  impl: str = 'auto'
 
   def _impl(self) -> str:
     return _module_impl(self, self.impl)
@@ -177,9 +191,9 @@ class Conv(nn.Module):
         dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=g)
 
 
-def max_pool_3x3(x: jnp.ndarray, stride: int, impl: str | None = None) -> jnp.ndarray:
+def max_pool_3x3(x: jnp.ndarray, stride: int, impl: str = 'auto') -> jnp.ndarray:
   """3x3 max pooling with padding 1 (padding never wins)."""
-  if _resolve_impl(impl) == 'fast':
+  if resolve_impl(impl) == 'fast':
     taps = _shifted_slices(x, 3, stride, 1, 1, -jnp.inf)
     y = taps[0]
     for t in taps[1:]:
@@ -197,10 +211,10 @@ def _valid_counts(size: int, kernel: int, stride: int, padding: int) -> np.ndarr
   return (hi - lo).astype(np.float32)
 
 
-def avg_pool_3x3(x: jnp.ndarray, stride: int, impl: str | None = None) -> jnp.ndarray:
+def avg_pool_3x3(x: jnp.ndarray, stride: int, impl: str = 'auto') -> jnp.ndarray:
   """3x3 average pooling with padding 1, dividing by the number of non-padding elements."""
   _, h, w, _ = x.shape
-  if _resolve_impl(impl) == 'fast':
+  if resolve_impl(impl) == 'fast':
     taps = _shifted_slices(x, 3, stride, 1, 1, 0.0)
     y = taps[0]
     for t in taps[1:]:
@@ -220,14 +234,14 @@ class ReLUConvBN(nn.Module):
   padding: int = 0
   affine: bool = True
   dtype: Dtype = jnp.float32
-  impl: str | None = None
+  impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
     x = nn.relu(x)
     x = Conv(self.features, self.kernel_size, self.stride, self.padding, dtype=self.dtype,
              impl=self.impl, name='conv')(x)
-    return batch_norm(self.affine, self.dtype, 'bn')(x, use_running_average=not train)
+    return batch_norm(train=train, affine=self.affine, dtype=self.dtype, name='bn')(x)
 
 
 class FactorizedReduce(nn.Module):
@@ -241,7 +255,7 @@ class FactorizedReduce(nn.Module):
   features: int
   affine: bool = True
   dtype: Dtype = jnp.float32
-  impl: str | None = None
+  impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
@@ -254,7 +268,7 @@ class FactorizedReduce(nn.Module):
     a = Conv(half, 1, 2, dtype=self.dtype, impl=self.impl, name='conv1')(x)
     b = Conv(self.features - half, 1, 2, dtype=self.dtype, impl=self.impl, name='conv2')(shifted)
     y = jnp.concatenate([a, b], axis=-1)
-    return batch_norm(self.affine, self.dtype, 'bn')(y, use_running_average=not train)
+    return batch_norm(train=train, affine=self.affine, dtype=self.dtype, name='bn')(y)
 
 
 def _groups(groups: int | None, c_in: int, where: str) -> int:
@@ -267,7 +281,7 @@ def _groups(groups: int | None, c_in: int, where: str) -> int:
 
 def _relu_conv_bn(x: jnp.ndarray, features: int, kernel_size: int, stride: int, padding: int,
                   dilation: int, groups: int, names: tuple[str, str, str], *, affine: bool,
-                  dtype: Dtype, impl: str | None, train: bool) -> jnp.ndarray:
+                  dtype: Dtype, impl: str, train: bool) -> jnp.ndarray:
   """ReLU -> (grouped) k x k conv (C_in channels) -> 1x1 conv -> BN, with the three layers
   named ``names`` in the calling module (call it from an ``nn.compact`` method)."""
   c_in = x.shape[-1]
@@ -275,7 +289,7 @@ def _relu_conv_bn(x: jnp.ndarray, features: int, kernel_size: int, stride: int, 
   x = Conv(c_in, kernel_size, stride, padding, dilation, groups, dtype=dtype, impl=impl,
            name=names[0])(x)
   x = Conv(features, dtype=dtype, impl=impl, name=names[1])(x)
-  return batch_norm(affine, dtype, names[2])(x, use_running_average=not train)
+  return batch_norm(train=train, affine=affine, dtype=dtype, name=names[2])(x)
 
 
 class DilConv(nn.Module):
@@ -288,7 +302,7 @@ class DilConv(nn.Module):
   affine: bool = True
   groups: int | None = None
   dtype: Dtype = jnp.float32
-  impl: str | None = None
+  impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
@@ -311,7 +325,7 @@ class SepConv(nn.Module):
   affine: bool = True
   groups: int | None = None
   dtype: Dtype = jnp.float32
-  impl: str | None = None
+  impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
@@ -327,7 +341,7 @@ class SepConv(nn.Module):
 class MaxPool3x3(nn.Module):
   """3x3 max pooling, padding 1."""
   stride: int = 1
-  impl: str | None = None
+  impl: str = 'auto'
 
   def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
     del train
@@ -337,7 +351,7 @@ class MaxPool3x3(nn.Module):
 class AvgPool3x3(nn.Module):
   """3x3 average pooling, padding 1, padding not counted."""
   stride: int = 1
-  impl: str | None = None
+  impl: str = 'auto'
 
   def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
     del train

@@ -14,7 +14,8 @@ Param tree: ``stem``, ``block{i}`` (``layer{j}`` with ``bn0, conv0, bn1, conv1``
 
 Marks (:func:`layers.mark`, ``'perturbations'`` / ``'intermediates'``): each dense
 block output (before its transition) as ``block{i}_out`` -- these are the attention
-points -- and each transition output as ``transition{i}_out``.
+points -- and each transition output as ``transition{i}_out``
+(:func:`names.densenet_block_output`, :func:`names.densenet_transition_output`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from distill_jax.models import layers
+from distill_jax.models import layers, names
 
 
 class Bottleneck(nn.Module):
@@ -35,9 +36,9 @@ class Bottleneck(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    y = nn.relu(layers.batch_norm(train, dtype=self.dtype, name='bn0')(x))
+    y = nn.relu(layers.batch_norm(train=train, dtype=self.dtype, name='bn0')(x))
     y = layers.conv(4 * self.growth_rate, 1, dtype=self.dtype, name='conv0')(y)
-    y = nn.relu(layers.batch_norm(train, dtype=self.dtype, name='bn1')(y))
+    y = nn.relu(layers.batch_norm(train=train, dtype=self.dtype, name='bn1')(y))
     return layers.conv(self.growth_rate, 3, dtype=self.dtype, name='conv1')(y)
 
 
@@ -65,7 +66,7 @@ class Transition(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    x = nn.relu(layers.batch_norm(train, dtype=self.dtype, name='bn')(x))
+    x = nn.relu(layers.batch_norm(train=train, dtype=self.dtype, name='bn')(x))
     x = layers.conv(self.features, 1, dtype=self.dtype, name='conv')(x)
     return nn.avg_pool(x, (2, 2), strides=(2, 2))
 
@@ -97,16 +98,17 @@ class DenseNetBC(nn.Module):
     x = layers.conv(2 * self.growth_rate, 3, dtype=self.dtype, name='stem')(x)
     points = []
     for i in range(3):
-      x = DenseBlock(layers_per_block, self.growth_rate, self.dtype, name=f'block{i}')(
-          x, train=train)
-      x = layers.mark(self, f'block{i}_out', x)
+      x = DenseBlock(layers_per_block, self.growth_rate, self.dtype,
+                     name=names.densenet_block_name(i))(x, train=train)
+      x = layers.mark(self, names.densenet_block_output(i), x)
       points.append(x)
       if i < 2:
         features = math.floor(x.shape[-1] * self.compression)
-        x = Transition(features, self.dtype, name=f'transition{i}')(x, train=train)
-        x = layers.mark(self, f'transition{i}_out', x)
-    x = nn.relu(layers.batch_norm(train, dtype=self.dtype, name='final_bn')(x))
+        x = Transition(features, self.dtype, name=names.densenet_transition_name(i))(
+            x, train=train)
+        x = layers.mark(self, names.densenet_transition_output(i), x)
+    x = nn.relu(layers.batch_norm(train=train, dtype=self.dtype, name='final_bn')(x))
     x = layers.global_avg_pool(x)
     logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
-                      name='classifier')(x)
+                      name=names.CLASSIFIER)(x)
     return logits.astype(jnp.float32), tuple(points)

@@ -1,8 +1,11 @@
 """Building blocks shared by the CIFAR networks (:mod:`wrn`, :mod:`densenet`).
 
 Convolutions have no bias and use explicit PyTorch-style padding (k // 2 on each
-side), so strided layers sample the same pixels as the reference releases. Every
-layer computes in ``dtype`` and keeps float32 parameters.
+side), so strided layers sample the same pixels as the PyTorch releases of the
+networks (github.com/szagoruyko/attention-transfer for WRN, Zagoruyko & Komodakis;
+github.com/liuzhuang13/DenseNet for DenseNet-BC, Huang et al. 2017). Every layer
+computes in ``dtype`` and keeps float32 parameters. :func:`batch_norm` serves these
+networks and the DARTS ones (``affine=False`` in the search supernet).
 """
 
 from __future__ import annotations
@@ -13,10 +16,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from distill_jax.models import names
+
 Dtype = Any
 
-# He et al. (2015) normal initialisation over the fan-out, as in the DenseNet and
-# torchvision releases.
+# He et al. (2015, arXiv:1502.01852) normal initialisation over the fan-out, as in the
+# DenseNet and torchvision releases.
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
@@ -28,15 +33,23 @@ def conv(features: int, kernel: int, stride: int = 1, *, dtype: Dtype, name: str
       use_bias=False, kernel_init=conv_init, dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
-def batch_norm(train: bool, *, dtype: Dtype, name: str) -> nn.BatchNorm:
+# Batch-norm constants as PyTorch's defaults (momentum 0.1 there is 0.9 here, eps 1e-5),
+# used by every network here and by the DARTS release (quark0/darts).
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+
+
+def batch_norm(*, train: bool, affine: bool = True, dtype: Dtype, name: str) -> nn.BatchNorm:
   """Batch norm with PyTorch's defaults (momentum 0.1 there is 0.9 here, eps 1e-5).
 
   Running statistics live in the ``'batch_stats'`` collection; ``train=True`` uses
   batch statistics and updates them (apply with ``mutable=['batch_stats']``).
+  ``affine=False`` drops the learned scale and bias (PyTorch's ``affine=False``, used by
+  the DARTS search supernet). Parameters are float32; ``dtype`` is the compute dtype.
   """
   return nn.BatchNorm(
-      use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
-      param_dtype=jnp.float32, name=name)
+      use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+      use_scale=affine, use_bias=affine, dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
 def global_avg_pool(x: jax.Array) -> jax.Array:
@@ -47,13 +60,13 @@ def global_avg_pool(x: jax.Array) -> jax.Array:
 def mark(module: nn.Module, name: str, x: jax.Array) -> jax.Array:
   """Marks an activation for gradient and value read-out; returns ``x`` unchanged.
 
-  Adds ``module.perturb(name, x)`` (collection ``'perturbations'``: a zero variable
-  whose gradient is the gradient of ``x``) and sows the value under the same name in
-  ``'intermediates'``. Both are no-ops unless their collection is passed to / mutable
-  in ``apply``.
+  Adds ``module.perturb(name, x)`` (collection :data:`names.PERTURBATIONS`: a zero
+  variable whose gradient is the gradient of ``x``) and sows the value under the same
+  name in :data:`names.INTERMEDIATES`. Both are no-ops unless their collection is passed
+  to / mutable in ``apply``.
   """
-  x = module.perturb(name, x)
-  module.sow('intermediates', name, x)
+  x = module.perturb(name, x, collection=names.PERTURBATIONS)
+  module.sow(names.INTERMEDIATES, name, x)
   return x
 
 

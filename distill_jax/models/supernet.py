@@ -1,8 +1,9 @@
 """The DARTS search supernet (Flax linen): every edge a softmax mixture of all operations.
 
 Liu, Simonyan & Yang, "DARTS: Differentiable Architecture Search" (ICLR 2019,
-arXiv:1806.09055), section 2.2 and appendix A.1; structure as in the authors' release
-(``cnn/model_search.py``), written anew from the facts in ``FACTS.md``.
+arXiv:1806.09055), section 2.2 and appendix A.1; structure as in the authors' public
+release (github.com/quark0/darts, ``Network``, ``Cell`` and ``MixedOp`` in
+``cnn/model_search.py``), written anew.
 
 Structure. A stem 3x3 conv (``in -> stem_multiplier * C``) + BN; ``layers`` cells with
 reductions (stride 2, channels doubled) at ``layers // 3`` and ``2 * layers // 3``; global
@@ -30,18 +31,19 @@ node 0 <- inputs 0, 1 (edges 0, 1); node 1 <- 0, 1, 2 (edges 2-4); node 2 <- 0..
 intermediate node ``j`` (:func:`edge_index`, :data:`EDGES`).
 
 Compile size. XLA's compile time grows faster than linearly with the program, and on CPU
-it dominates short searches (TRAPS.md). So each cell runs its mixed operations as an
+it dominates short searches. So each cell runs its mixed operations as an
 ``nn.scan`` over edges: a normal cell scans its 14 edges over the stacked states ``[s0,
 s1, n0, .., n3]`` (reading ``states[input]``, adding into ``states[node]``), a reduction
 cell scans its 8 strided edges from the two inputs, then its 6 edges between nodes. The
 program then holds one mixed operation per normal cell and two per reduction cell
 (instead of 14): for 5 cells, C=4, batch 32, the forward and backward pass compiled in
 ~36 s instead of ~112 s with one ``vmap`` per group of same-input edges (shifted-slice
-ops, a loaded 2-core CPU), at the same step time. ``impl='lax'`` compiles another
+ops, a loaded 2-core CPU), at the same step time. On CPU ``impl='lax'`` compiles another
 ~2-3x faster but steps ~3x slower at C=8 (``benchmarks/darts_search.py``): right for
-tests and demos, not for long searches on CPU. Parameters are stacked on a leading edge axis (``cell{i}/edges`` in alpha-row
-order; ``input_edges`` and ``node_edges``, rows :data:`INPUT_EDGES` and
-:data:`NODE_EDGES`, in a reduction cell).
+tests and demos, not for long searches; ``impl='auto'`` (the default) is 'fast' on CPU
+and 'lax' on GPU/TPU (:func:`distill_jax.models.darts_ops.resolve_impl`). Parameters are
+stacked on a leading edge axis (``cell{i}/edges`` in alpha-row order; ``input_edges`` and
+``node_edges``, rows :data:`INPUT_EDGES` and :data:`NODE_EDGES`, in a reduction cell).
 
 Initialisation (:func:`init_supernet`) builds shapes with ``jax.eval_shape`` and draws
 the values with numpy: running ``init`` eagerly took 12 s for 3 cells.
@@ -59,8 +61,10 @@ import numpy as np
 from jax import lax
 
 from distill_jax.genotypes import NUM_INPUTS, NUM_NODES, PRIMITIVES
-from distill_jax.models.darts_ops import (Conv, FactorizedReduce, ReLUConvBN, batch_norm,
+from distill_jax.models import names
+from distill_jax.models.darts_ops import (Conv, FactorizedReduce, ReLUConvBN, check_impl,
                                           make_op, torch_default_init)
+from distill_jax.models.layers import batch_norm
 
 Dtype = Any
 
@@ -97,13 +101,13 @@ class MixedOp(nn.Module):
     stride: 2 for the edges of a reduction cell that read a cell input, else 1.
     train: batch statistics (and their update) in the batch norms.
     dtype: computation dtype.
-    impl: darts_ops implementation ('fast', 'lax', None = module default).
+    impl: darts_ops implementation ('auto', 'fast', 'lax').
   """
   channels: int
   stride: int
   train: bool
   dtype: Dtype = jnp.float32
-  impl: str | None = None
+  impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, weights: jnp.ndarray) -> jnp.ndarray:
@@ -115,7 +119,8 @@ class MixedOp(nn.Module):
                    impl=self.impl, name=primitive)
       h = op(x, train=self.train)
       if 'pool' in primitive:
-        h = batch_norm(False, self.dtype, f'{primitive}_bn')(h, use_running_average=not self.train)
+        h = batch_norm(train=self.train, affine=False, dtype=self.dtype,
+                       name=f'{primitive}_bn')(h)
       h = weights[i].astype(h.dtype) * h
       out = h if out is None else out + h
     return out
@@ -133,7 +138,7 @@ class EdgeStep(nn.Module):
   train: bool
   read_carry: bool
   dtype: Dtype = jnp.float32
-  impl: str | None = None
+  impl: str = 'auto'
 
   @nn.compact
   def __call__(self, states: jnp.ndarray, edge: tuple[jnp.ndarray, ...],
@@ -163,14 +168,14 @@ class SearchCell(nn.Module):
     reduction_prev: the previous cell reduced (``s0`` has twice ``s1``'s spatial size).
     train: batch statistics in the batch norms.
     dtype: computation dtype.
-    impl: darts_ops implementation.
+    impl: darts_ops implementation ('auto', 'fast', 'lax').
   """
   channels: int
   reduction: bool
   reduction_prev: bool
   train: bool
   dtype: Dtype = jnp.float32
-  impl: str | None = None
+  impl: str = 'auto'
 
   def _scan(self, states: jnp.ndarray, rows: tuple[int, ...], weights: jnp.ndarray,
             inputs: jnp.ndarray | None, *, stride: int, read_carry: bool, src_offset: int,
@@ -234,7 +239,9 @@ class SuperNetwork(nn.Module):
     num_classes: classifier outputs.
     stem_multiplier: stem width ``stem_multiplier * C`` (3 in the release).
     dtype: computation dtype (parameters are created float32; cast them for float64).
-    impl: darts_ops implementation ('fast', 'lax', None = ``darts_ops.DEFAULT_IMPL``).
+    impl: darts_ops implementation: 'auto' (default: 'fast' on CPU, 'lax' on GPU/TPU,
+      resolved at trace time), 'fast' or 'lax'. None and '' are read as 'auto' for now
+      (``distill_jax.search`` passes an unset config value as None).
     reductions: indices of the reduction cells; None = the paper's ``layers // 3`` and
       ``2 * layers // 3`` (then ``layers >= 3``). Other values serve small test networks
       (e.g. ``layers=2, reductions=(1,)``: one normal and one reduction cell).
@@ -244,8 +251,16 @@ class SuperNetwork(nn.Module):
   num_classes: int = 10
   stem_multiplier: int = 3
   dtype: Dtype = jnp.float32
-  impl: str | None = None
+  impl: str | None = 'auto'
   reductions: tuple[int, ...] | None = None
+
+  def __post_init__(self) -> None:
+    check_impl(self._impl())
+    super().__post_init__()
+
+  def _impl(self) -> str:
+    """``impl`` with None / '' read as 'auto' (transitional, for ``distill_jax.search``)."""
+    return self.impl or 'auto'
 
   def reduction_indices(self) -> tuple[int, ...]:
     if self.reductions is None:
@@ -271,8 +286,9 @@ class SuperNetwork(nn.Module):
     weights = {k: jax.nn.softmax(alphas[k].astype(self.dtype), axis=-1)
                for k in ('normal', 'reduce')}
     c = self.init_channels
-    s = Conv(self.stem_multiplier * c, 3, 1, 1, dtype=self.dtype, name='stem_conv')(x)
-    s = batch_norm(True, self.dtype, 'stem_bn')(s, use_running_average=not train)
+    impl = self._impl()
+    s = Conv(self.stem_multiplier * c, 3, 1, 1, dtype=self.dtype, impl=impl, name='stem_conv')(x)
+    s = batch_norm(train=train, dtype=self.dtype, name='stem_bn')(s)
     s0 = s1 = s
     reductions = self.reduction_indices()
     reduction_prev = False
@@ -280,12 +296,13 @@ class SuperNetwork(nn.Module):
       reduction = i in reductions
       if reduction:
         c *= 2
-      cell = SearchCell(c, reduction, reduction_prev, train, self.dtype, self.impl, name=f'cell{i}')
+      cell = SearchCell(c, reduction, reduction_prev, train, self.dtype, impl,
+                        name=names.cell_name(i))
       s0, s1 = s1, cell(s0, s1, weights['reduce' if reduction else 'normal'])
       reduction_prev = reduction
     out = jnp.mean(s1, axis=(1, 2))
     logits = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=torch_default_init,
-                      bias_init=_bias_init(out.shape[-1]), name='classifier')(out)
+                      bias_init=_bias_init(out.shape[-1]), name=names.CLASSIFIER)(out)
     return logits.astype(jnp.promote_types(self.dtype, jnp.float32))
 
 
@@ -294,14 +311,14 @@ def _leaf_init(path: tuple[str, ...], shape: tuple[int, ...], dtype: Any,
   """PyTorch's defaults, as the release: conv/linear weights and the linear bias
   ``U(+-1/sqrt(fan_in))``; batch-norm scale 1, bias 0; running mean 0, variance 1."""
   name, parent = path[-1], path[-2] if len(path) > 1 else ''
-  if name in ('mean', 'bias') and parent != 'classifier':
+  if name in ('mean', 'bias') and parent != names.CLASSIFIER:
     return np.zeros(shape, dtype)
   if name in ('var', 'scale'):
     return np.ones(shape, dtype)
   if name == 'kernel':
     # Conv kernels are (..., k, k, C_in / groups, C_out) with leading edge axes; the
     # classifier's is (C_in, classes).
-    fan_in = shape[-2] if parent == 'classifier' else math.prod(shape[-4:-1])
+    fan_in = shape[-2] if parent == names.CLASSIFIER else math.prod(shape[-4:-1])
   elif name == 'bias':
     fan_in = fan_in_of[path[:-1]]
   else:
@@ -323,7 +340,7 @@ def init_supernet(model: SuperNetwork, seed: int, input_shape: tuple[int, ...]) 
   flat, treedef = jax.tree_util.tree_flatten_with_path(variables)
   paths = [tuple(str(getattr(k, 'key', k)) for k in path) for path, _ in flat]
   fan_in_of = {p[:-1]: s.shape[-2] for p, (_, s) in zip(paths, flat)
-               if p[-1] == 'kernel' and p[-2] == 'classifier'}
+               if p[-1] == 'kernel' and p[-2] == names.CLASSIFIER}
   leaves = [_leaf_init(p, s.shape, s.dtype, np.random.default_rng([seed, i]), fan_in_of)
             for i, (p, (_, s)) in enumerate(zip(paths, flat))]
   return jax.tree_util.tree_unflatten(treedef, leaves)

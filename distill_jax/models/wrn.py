@@ -5,14 +5,14 @@ groups of n = (d - 4) / 6 pre-activation basic blocks of widths 16k, 32k and 64k
 strides 1, 2 and 2, then BN-ReLU, global average pooling and a linear classifier.
 WRN-16-2 has 691,674 parameters and WRN-40-2 2,243,546 (10 classes, batch-norm
 scale/bias and classifier bias included), as in the paper and the attention-transfer
-release.
+release (Zagoruyko & Komodakis, ICLR 2017, github.com/szagoruyko/attention-transfer).
 
-Param tree: ``stem``, ``group{g}_block{b}`` (``bn0, conv0, bn1, conv1`` and, where
-the shape changes, ``shortcut``), ``final_bn``, ``classifier``.
+Param tree: ``stem``, ``group{g}_block{b}`` (:func:`names.wrn_block_name`; ``bn0, conv0,
+bn1, conv1`` and, where the shape changes, ``shortcut``), ``final_bn``, ``classifier``.
 
 Each block output is marked with :func:`layers.mark` as ``group{g}_block{b}_out``
-(``'perturbations'`` / ``'intermediates'``); the last block's mark in each group is
-that group's attention point.
+(:func:`names.wrn_block_output`; collections ``'perturbations'`` / ``'intermediates'``);
+the last block's mark in each group is that group's attention point.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from distill_jax.models import layers
+from distill_jax.models import layers, names
 
 
 class WideBasicBlock(nn.Module):
@@ -38,13 +38,13 @@ class WideBasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    pre = nn.relu(layers.batch_norm(train, dtype=self.dtype, name='bn0')(x))
+    pre = nn.relu(layers.batch_norm(train=train, dtype=self.dtype, name='bn0')(x))
     if self.stride != 1 or x.shape[-1] != self.features:
       shortcut = layers.conv(self.features, 1, self.stride, dtype=self.dtype, name='shortcut')(pre)
     else:
       shortcut = x
     y = layers.conv(self.features, 3, self.stride, dtype=self.dtype, name='conv0')(pre)
-    y = nn.relu(layers.batch_norm(train, dtype=self.dtype, name='bn1')(y))
+    y = nn.relu(layers.batch_norm(train=train, dtype=self.dtype, name='bn1')(y))
     if self.dropout_rate > 0:
       y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
     y = layers.conv(self.features, 3, dtype=self.dtype, name='conv1')(y)
@@ -82,14 +82,13 @@ class WideResNet(nn.Module):
     points = []
     for g, (width, stride) in enumerate(((16, 1), (32, 2), (64, 2))):
       for b in range(blocks_per_group):
-        name = f'group{g}_block{b}'
         x = WideBasicBlock(
             width * self.widen_factor, stride if b == 0 else 1, self.dropout_rate, self.dtype,
-            name=name)(x, train=train)
-        x = layers.mark(self, f'{name}_out', x)
+            name=names.wrn_block_name(g, b))(x, train=train)
+        x = layers.mark(self, names.wrn_block_output(g, b), x)
       points.append(x)
-    x = nn.relu(layers.batch_norm(train, dtype=self.dtype, name='final_bn')(x))
+    x = nn.relu(layers.batch_norm(train=train, dtype=self.dtype, name='final_bn')(x))
     x = layers.global_avg_pool(x)
     logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
-                      name='classifier')(x)
+                      name=names.CLASSIFIER)(x)
     return logits.astype(jnp.float32), tuple(points)

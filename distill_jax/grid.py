@@ -1,0 +1,105 @@
+"""The teacher × student grid (the paper's first table): its runs, their order, the report.
+
+A grid workdir holds one workdir per run::
+
+  teachers/<teacher>/seed<s>/           the teacher trained alone
+  students/<student>/seed<s>/           the student with no teacher (the N/A rows)
+  pairs/<teacher>__<student>/seed<s>/   the student distilled from that seed's teacher
+  report.md, report.csv                 mean ± std over seeds
+
+Every run is a copy of ``config.run`` with its model, seed and teacher
+(:func:`distill_jax.runs.run_config`); DARTS runs also get ``config.darts_drop_path_prob``
+(no other family has drop path). Every run resumes from its own checkpoints and a
+finished one is skipped, so re-running the grid (or one shard of it) only does what is
+missing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from absl import logging
+import jax
+import ml_collections
+
+from distill_jax import data as data_lib
+from distill_jax import runs
+from distill_jax import train
+from distill_jax import validation
+from distill_jax.options import JobOptions
+
+
+def _models(config: ml_collections.ConfigDict) -> dict[str, dict]:
+  table = runs.network_table(config.demo_networks)
+  classes = data_lib.NUM_CLASSES.get(config.run.data.name, 10)
+  return {key: {**table[key], 'num_classes': classes}
+          for key in (*config.teachers, *config.students) if key in table}
+
+
+def tasks(config: ml_collections.ConfigDict, workdir: str) -> list[runs.Task]:
+  """Every run of the grid, teachers and lone students first (stage 0), then the pairs."""
+  models = _models(config)
+
+  def run_config(key, seed, **teacher):
+    drop = config.darts_drop_path_prob if models[key]['name'] == 'darts' else 0.0
+    return runs.run_config(config.run, model=models[key], seed=seed, drop_path_prob=drop,
+                           **teacher)
+
+  def task(name, path, cfg, **kwargs):
+    return runs.Task(name=name, path=path, config=cfg,
+                     compute=lambda: train.run(cfg, path), **kwargs)
+
+  out = []
+  for seed in config.seeds:
+    for t in config.teachers:
+      out.append(task(f'teacher {t} seed {seed}', os.path.join(workdir, 'teachers', t, f'seed{seed}'),
+                      run_config(t, seed), teacher=runs.display_name(models[t]), seed=seed))
+    for s in config.students:
+      out.append(task(f'student {s} seed {seed}', os.path.join(workdir, 'students', s, f'seed{seed}'),
+                      run_config(s, seed), teacher=runs.NO_TEACHER,
+                      student=runs.display_name(models[s]), seed=seed, row=True))
+  for seed in config.seeds:
+    for t in config.teachers:
+      teacher_dir = os.path.join(workdir, 'teachers', t, f'seed{seed}')
+      for s in config.students:
+        out.append(task(
+            f'{t} -> {s} seed {seed}', os.path.join(workdir, 'pairs', f'{t}__{s}', f'seed{seed}'),
+            run_config(s, seed, teacher_model=models[t], teacher_workdir=teacher_dir),
+            needs=(teacher_dir,), teacher=runs.display_name(models[t]),
+            student=runs.display_name(models[s]), seed=seed, row=True))
+  # Every run is its own shard group: pairs wait for a teacher another shard trains.
+  return [dataclasses.replace(t, group=i) for i, t in enumerate(out)]
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """The grid's own fields, then every run's config, before any compute."""
+  table = runs.network_table(config.demo_networks)
+  for field in ('teachers', 'students'):
+    for key in config[field]:
+      if key not in table:
+        raise validation.ConfigError(
+            f'config.{field} has {key!r}, not a known network; known: {", ".join(table)}')
+  runs.check_seeds(config)
+  validation.check_range(config, 'darts_drop_path_prob', 0.0, 1.0)
+  runs.validate_runs(tasks(config, '/'))
+
+
+def run(config: ml_collections.ConfigDict, workdir: str,
+        options: JobOptions = JobOptions()) -> str:
+  """Trains this shard's missing runs (``mode='train'``), then writes the report of the
+  finished runs (every mode; with several shards, run ``--mode=report`` at the end)."""
+  validate(config)
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  all_tasks = tasks(config, workdir)
+  if options.mode == 'train':
+    runs.run_tasks(all_tasks, shard=options.shard, num_shards=options.num_shards)
+    if options.num_shards > 1:
+      return os.path.join(workdir, 'report.md')
+  rows = runs.report_rows(all_tasks)
+  if jax.process_index() == 0 and rows:
+    markdown = runs.write_report(
+        rows, workdir, title='Teacher × student (attention transfer)',
+        extra_columns={'Student params': lambda r: f'{r["student_params"]:,}'})
+    logging.info('Report written to %s:\n%s', os.path.join(workdir, 'report.md'), markdown)
+  return os.path.join(workdir, 'report.md')
