@@ -15,7 +15,7 @@ only its model. Recipe of the author's released code: 200 epochs, batch 64, SGD 
 run fits on one GPU and spreads over several (the global batch is sharded):
 
   python -m distill_jax.main --config=configs/darts_fisher.py --workdir=/tmp/darts_fisher \
-      --config.data.data_dir=~/tensorflow_datasets
+      --config.run.data.data_dir=~/tensorflow_datasets
 
 Expected (paper, CIFAR-10 top-1 error): student alone 8.47 ± 1.11, from the 25-cell
 teacher 7.79 ± 0.30, from the uniform teacher 6.42 ± 0.17, from the Fisher teacher

@@ -8,7 +8,7 @@ three stage outputs). Common recipe: 200 epochs, batch 128, SGD 0.1 ×0.2 at
 60/120/160, Nesterov momentum 0.9, weight decay 5e-4; DARTS networks add drop path 0.2.
 
   python -m distill_jax.main --config=configs/teacher_student.py --workdir=/tmp/grid \
-      --config.data.data_dir=~/tensorflow_datasets
+      --config.run.data.data_dir=~/tensorflow_datasets
 
 Every run copies ``config.run`` (the recipe: ``--config.run.num_epochs=...``,
 ``--config.run.optimizer.learning_rate=...``, ``--config.run.distill.beta=...``) with
