@@ -260,19 +260,19 @@ class Pipeline:
     return train_lib.run(config, self.pair_dir(kind, seed))
 
   # The whole pipeline ---------------------------------------------------------------
-  def run(self, options: JobOptions = JobOptions()) -> str:
+  def run(self, options: JobOptions = JobOptions()) -> dict:
     """Every task of this shard's seeds (``seeds[shard::num_shards]``); the report and
     the figure when one process runs every seed (else ``--mode=report`` writes them)."""
-    runs.run_tasks(self.tasks(), shard=options.shard, num_shards=options.num_shards)
-    if options.num_shards == 1:
-      self.finish()
-    return os.path.join(self.workdir, 'report.md')
+    trained = runs.run_tasks(self.tasks(), shard=options.shard, num_shards=options.num_shards)
+    if options.num_shards > 1:
+      return {'trained': trained, 'report': None, 'seeds': []}
+    return {'trained': trained, **self.finish()}
 
   def finished_seeds(self) -> list[int]:
     """The seeds whose every task has finished."""
     return [s for s in self.config.seeds if all(t.done() for t in self.tasks([s]))]
 
-  def finish(self) -> str:
+  def finish(self) -> dict:
     """The report of the finished seeds and (once) the attention figure, from process 0."""
     seeds = self.finished_seeds()
     if not seeds:
@@ -283,7 +283,7 @@ class Pipeline:
       self.report(seeds)
       if not os.path.exists(os.path.join(self.workdir, 'attention.png')):
         self.attention_figure(seeds[0])
-    return os.path.join(self.workdir, 'report.md')
+    return {'report': os.path.join(self.workdir, 'report.md'), 'seeds': seeds}
 
   def report(self, seeds: Sequence[int] | None = None) -> str:
     """report.md / report.csv over the finished runs of ``seeds`` (default: all)."""
@@ -331,7 +331,7 @@ class Pipeline:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str,
-        options: JobOptions = JobOptions()) -> str:
+        options: JobOptions = JobOptions()) -> dict:
   """``mode='train'`` runs (or resumes) the seeds ``seeds[shard::num_shards]``, then (one
   shard) reports; ``'report'`` and ``'evaluate'`` write the report and figure of the
   finished seeds."""
@@ -339,4 +339,4 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   pipeline = Pipeline(config, workdir)
   if options.mode == 'train':
     return pipeline.run(options)
-  return pipeline.finish()
+  return {'trained': [], **pipeline.finish()}

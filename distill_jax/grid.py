@@ -86,20 +86,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str,
-        options: JobOptions = JobOptions()) -> str:
+        options: JobOptions = JobOptions()) -> dict:
   """Trains this shard's missing runs (``mode='train'``), then writes the report of the
   finished runs (every mode; with several shards, run ``--mode=report`` at the end)."""
   validate(config)
   workdir = os.path.abspath(os.path.expanduser(workdir))
   all_tasks = tasks(config, workdir)
+  report = os.path.join(workdir, 'report.md')
+  trained = []
   if options.mode == 'train':
-    runs.run_tasks(all_tasks, shard=options.shard, num_shards=options.num_shards)
+    trained = runs.run_tasks(all_tasks, shard=options.shard, num_shards=options.num_shards)
     if options.num_shards > 1:
-      return os.path.join(workdir, 'report.md')
+      return {'trained': trained, 'report': None, 'rows': []}
   rows = runs.report_rows(all_tasks)
   if jax.process_index() == 0 and rows:
     markdown = runs.write_report(
         rows, workdir, title='Teacher × student (attention transfer)',
         extra_columns={'Student params': lambda r: f'{r["student_params"]:,}'})
-    logging.info('Report written to %s:\n%s', os.path.join(workdir, 'report.md'), markdown)
-  return os.path.join(workdir, 'report.md')
+    logging.info('Report written to %s:\n%s', report, markdown)
+  return {'trained': trained, 'report': report, 'rows': rows}

@@ -83,5 +83,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 def run(config: ml_collections.ConfigDict, workdir: str,
         options: JobOptions = JobOptions()):
-  """Runs ``config.job`` in ``workdir``: results (a dict) or the report's path."""
+  """Runs ``config.job`` in ``workdir``; returns its results (a dict: a run's results, or
+  an experiment's ``report`` path with what it trained)."""
   return job_module(config).run(config, workdir, options)

@@ -23,8 +23,11 @@ import time
 from typing import Any, Sequence
 
 from clu import metric_writers
+import flax
 import jax
 import numpy as np
+import optax
+import orbax.checkpoint
 
 RESULTS_FILE = 'results.json'
 METRICS_FILE = 'metrics.jsonl'
@@ -178,7 +181,6 @@ def read_json(path: str) -> Any:
 
 def versions() -> dict[str, str]:
   """The versions and backend a result was computed with."""
-  import flax, optax, orbax.checkpoint  # pylint: disable=g-import-not-at-top,multiple-imports
   return {'python': platform.python_version(), 'jax': jax.__version__,
           'jaxlib': getattr(jax.lib, '__version__', jax.__version__),
           'flax': flax.__version__, 'optax': optax.__version__,

@@ -26,6 +26,7 @@ import numpy as np
 
 from distill_jax import config_lib
 from distill_jax import loop
+from distill_jax import train
 from distill_jax import validation
 
 NO_TEACHER = 'N/A'
@@ -93,7 +94,6 @@ def run_config(run: ml_collections.ConfigDict, *, model: dict, seed: int,
 
 def validate_runs(tasks: Iterable[Task]) -> None:
   """Checks every run's config before the first task computes anything."""
-  from distill_jax import train  # pylint: disable=g-import-not-at-top  (train imports runs' deps)
   for task in tasks:
     if task.config is None:
       continue

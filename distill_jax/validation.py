@@ -5,6 +5,7 @@ from __future__ import annotations
 import ml_collections
 
 from distill_jax import data as data_lib
+from distill_jax import losses
 from distill_jax import models
 
 
@@ -124,7 +125,6 @@ def check_batch_divides(batch_size: int, num_devices: int, field: str = 'batch_s
 def validate_distill_config(config: ml_collections.ConfigDict) -> None:
   """The training checks plus the ``distill`` section's: method, weights, teacher model."""
   validate_train_config(config)
-  from distill_jax import losses  # pylint: disable=g-import-not-at-top
   check_choice(config, 'distill.method', losses.METHODS)
   check_choice(config, 'distill.at_form', losses.AT_FORMS)
   check_positive(config, 'distill.temperature')

@@ -36,6 +36,7 @@ def results_mtimes(workdir):
   return found
 
 
+@pytest.mark.e2e
 def test_pipeline_killed_resumed_finished_and_rerun_does_nothing(tmp_path):
   workdir = str(tmp_path / 'pipeline')
   flags = [f'--config.{k}={v}' for k, v in OVERRIDES.items()]
@@ -61,7 +62,7 @@ def test_pipeline_killed_resumed_finished_and_rerun_does_nothing(tmp_path):
   killed_step = ckpt_lib.latest_step(os.path.join(workdir, 'teachers', 'uniform', 'seed0'))
 
   config = tiny_config()
-  report = jobs.run(config, workdir)
+  report = jobs.run(config, workdir)['report']
   # Finished stages were not redone; the killed teacher resumed from its checkpoint.
   assert all(os.path.getmtime(p) == t for p, t in done_before.items())
   teacher = json.load(open(os.path.join(workdir, 'teachers', 'uniform', 'seed0', 'results.json')))

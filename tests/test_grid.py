@@ -128,10 +128,11 @@ def test_unknown_network_in_grid_is_one_line(tmp_path):
     jobs.run(c, str(tmp_path))
 
 
+@pytest.mark.e2e
 def test_tiny_sweep_end_to_end_and_rerun_is_a_no_op(tmp_path):
   c = grid_config(seeds=(0,), num_epochs=1, students=('wrn_16_2',))
   c.run.log_every_steps = 22
-  report = jobs.run(c, str(tmp_path))
+  report = jobs.run(c, str(tmp_path))['report']
   text = open(report).read()
   assert '| N/A | WRN-10-1 |' in text and '| WRN-16-2 | WRN-10-1 |' in text
   runs = grid.tasks(c, str(tmp_path))

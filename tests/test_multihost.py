@@ -1,5 +1,6 @@
 """Two local processes x 2 CPU devices train like one process with 4, and resume."""
 
+import pytest
 import json
 import os
 import socket
@@ -50,6 +51,7 @@ def _restore(workdir):
   return ckpt_lib.restore_local(ckpt_lib.item_path(workdir))
 
 
+@pytest.mark.e2e
 def test_two_processes_match_one_and_resume(tmp_path):
   multi, single = str(tmp_path / 'multi'), str(tmp_path / 'single')
   results = _two_processes(multi, epochs=1)

@@ -89,6 +89,7 @@ def test_finished_workdir_trains_nothing_new(trained):
   jax.tree.map(np.testing.assert_array_equal, params_before, params_after)
 
 
+@pytest.mark.e2e
 def test_sigkill_and_restart_ends_exactly_like_uninterrupted(trained, tmp_path):
   config, uninterrupted, results = trained
   workdir = str(tmp_path / 'killed')

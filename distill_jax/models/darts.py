@@ -53,6 +53,7 @@ import jax
 import jax.numpy as jnp
 
 from distill_jax.genotypes import NUM_NODES, Genotype, GenotypeLike, get_genotype
+from distill_jax.models import darts_layout as L
 from distill_jax.models import names
 from distill_jax.models.darts_ops import (Conv, FactorizedReduce, ReLUConvBN, check_impl,
                                           is_identity, make_op, torch_default_init)
@@ -111,11 +112,11 @@ class Cell(nn.Module):
     """Applies the cell; ``drop_prob`` (None = no drop path) needs the 'dropout' rng."""
     c = self.channels
     if self.reduction_prev:
-      s0 = FactorizedReduce(c, dtype=self.dtype, impl=self.impl, name='preprocess0')(
+      s0 = FactorizedReduce(c, dtype=self.dtype, impl=self.impl, name=L.PREPROCESS0)(
           s0, train=train)
     else:
-      s0 = ReLUConvBN(c, dtype=self.dtype, impl=self.impl, name='preprocess0')(s0, train=train)
-    s1 = ReLUConvBN(c, dtype=self.dtype, impl=self.impl, name='preprocess1')(s1, train=train)
+      s0 = ReLUConvBN(c, dtype=self.dtype, impl=self.impl, name=L.PREPROCESS0)(s0, train=train)
+    s1 = ReLUConvBN(c, dtype=self.dtype, impl=self.impl, name=L.PREPROCESS1)(s1, train=train)
 
     if self.reduction:
       pairs, concat = self.genotype.reduce, self.genotype.reduce_concat
@@ -128,7 +129,7 @@ class Cell(nn.Module):
         op_name, idx = pairs[e]
         stride = 2 if self.reduction and idx < 2 else 1
         op = make_op(op_name, c, c, stride, True, self.groups, self.dtype, impl=self.impl,
-                     name=f'op{e}')
+                     name=L.op_name(e))
         h = op(states[idx], train=train)
         if drop_prob is not None and not is_identity(op):
           h = drop_path(h, drop_prob, self.make_rng('dropout'))
@@ -156,14 +157,15 @@ class AuxiliaryHead(nn.Module):
     x = nn.relu(x)
     _, h, w, _ = x.shape
     x = nn.avg_pool(x, (min(5, h), min(5, w)), strides=(3, 3), padding='VALID')
-    x = Conv(128, 1, dtype=self.dtype, impl=self.impl, name='conv1')(x)
-    x = nn.relu(batch_norm(train=train, dtype=self.dtype, name='bn1')(x))
+    x = Conv(L.AUX_WIDTHS[0], 1, dtype=self.dtype, impl=self.impl, name=L.AUX_CONV1)(x)
+    x = nn.relu(batch_norm(train=train, dtype=self.dtype, name=L.AUX_BN1)(x))
     _, h, w, _ = x.shape
     x = jnp.pad(x, ((0, 0), (0, max(0, 2 - h)), (0, max(0, 2 - w)), (0, 0)))
-    x = Conv(768, 2, dtype=self.dtype, impl=self.impl, name='conv2')(x)
-    x = nn.relu(batch_norm(train=train, dtype=self.dtype, name='bn2')(x))
+    x = Conv(L.AUX_WIDTHS[1], 2, dtype=self.dtype, impl=self.impl, name=L.AUX_CONV2)(x)
+    x = nn.relu(batch_norm(train=train, dtype=self.dtype, name=L.AUX_BN2)(x))
     x = jnp.mean(x, axis=(1, 2))
-    return _dense(self.num_classes, 768, self.dtype, names.CLASSIFIER)(x).astype(jnp.float32)
+    logits = _dense(self.num_classes, L.AUX_WIDTHS[1], self.dtype, L.AUX_CLASSIFIER)(x)
+    return logits.astype(jnp.float32)
 
 
 class DartsNetwork(nn.Module):
@@ -270,8 +272,8 @@ class DartsNetwork(nn.Module):
     drop_prob = p if use_drop else None
 
     s = Conv(self.stem_multiplier * self.init_channels, 3, 1, 1, dtype=self.dtype,
-             impl=self.impl, name='stem_conv')(x)
-    s = batch_norm(train=train, dtype=self.dtype, name='stem_bn')(s)
+             impl=self.impl, name=L.STEM_CONV)(x)
+    s = batch_norm(train=train, dtype=self.dtype, name=L.STEM_BN)(s)
     s0 = s1 = s
     points = []
     reduction_prev = False

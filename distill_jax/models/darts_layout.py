@@ -17,8 +17,11 @@ Readers that reason about its variables without building them (growth in
   its axes index which channel space (a cell's ``C`` channels, half of them, or a cell's
   concatenated output).
 
-The tests build real variables trees and check all three against them, so renaming a
-layer in the networks without renaming it here fails a test.
+The networks (:mod:`distill_jax.models.darts_ops`, :mod:`distill_jax.models.darts`)
+name their layers with these constants, so each name has one spelling; the tests build
+real variables trees and check all three against them. This module imports only
+:mod:`distill_jax.genotypes` and :mod:`distill_jax.models.names` (no import cycle with
+the networks that use it).
 """
 
 from __future__ import annotations

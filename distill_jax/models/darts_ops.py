@@ -51,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from distill_jax.models import darts_layout as L
 from distill_jax.models.layers import batch_norm
 
 Dtype = Any
@@ -158,7 +159,7 @@ class Conv(nn.Module):
     if c_in % g or self.features % g:
       raise ValueError(
           f'{self.name}: groups={g} must divide C_in={c_in} and C_out={self.features}')
-    kernel = self.param('kernel', torch_default_init, (k, k, c_in // g, self.features),
+    kernel = self.param(L.KERNEL, torch_default_init, (k, k, c_in // g, self.features),
                         jnp.float32)
     x = x.astype(self.dtype)
     kernel = kernel.astype(self.dtype)
@@ -240,8 +241,8 @@ class ReLUConvBN(nn.Module):
   def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
     x = nn.relu(x)
     x = Conv(self.features, self.kernel_size, self.stride, self.padding, dtype=self.dtype,
-             impl=self.impl, name='conv')(x)
-    return batch_norm(train=train, affine=self.affine, dtype=self.dtype, name='bn')(x)
+             impl=self.impl, name=L.CONV)(x)
+    return batch_norm(train=train, affine=self.affine, dtype=self.dtype, name=L.BN)(x)
 
 
 class FactorizedReduce(nn.Module):
@@ -265,10 +266,11 @@ class FactorizedReduce(nn.Module):
     _, h, w, _ = x.shape
     shifted = jnp.pad(x[:, 1:, 1:, :], ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
     half = self.features // 2
-    a = Conv(half, 1, 2, dtype=self.dtype, impl=self.impl, name='conv1')(x)
-    b = Conv(self.features - half, 1, 2, dtype=self.dtype, impl=self.impl, name='conv2')(shifted)
+    a = Conv(half, 1, 2, dtype=self.dtype, impl=self.impl, name=L.FR_CONVS[0])(x)
+    b = Conv(self.features - half, 1, 2, dtype=self.dtype, impl=self.impl,
+             name=L.FR_CONVS[1])(shifted)
     y = jnp.concatenate([a, b], axis=-1)
-    return batch_norm(train=train, affine=self.affine, dtype=self.dtype, name='bn')(y)
+    return batch_norm(train=train, affine=self.affine, dtype=self.dtype, name=L.BN)(y)
 
 
 def _groups(groups: int | None, c_in: int, where: str) -> int:
@@ -280,16 +282,16 @@ def _groups(groups: int | None, c_in: int, where: str) -> int:
 
 
 def _relu_conv_bn(x: jnp.ndarray, features: int, kernel_size: int, stride: int, padding: int,
-                  dilation: int, groups: int, names: tuple[str, str, str], *, affine: bool,
+                  dilation: int, groups: int, layer_names: tuple[str, str, str], *, affine: bool,
                   dtype: Dtype, impl: str, train: bool) -> jnp.ndarray:
   """ReLU -> (grouped) k x k conv (C_in channels) -> 1x1 conv -> BN, with the three layers
-  named ``names`` in the calling module (call it from an ``nn.compact`` method)."""
+  named ``layer_names`` in the calling module (call it from an ``nn.compact`` method)."""
   c_in = x.shape[-1]
   x = nn.relu(x)
   x = Conv(c_in, kernel_size, stride, padding, dilation, groups, dtype=dtype, impl=impl,
-           name=names[0])(x)
-  x = Conv(features, dtype=dtype, impl=impl, name=names[1])(x)
-  return batch_norm(train=train, affine=affine, dtype=dtype, name=names[2])(x)
+           name=layer_names[0])(x)
+  x = Conv(features, dtype=dtype, impl=impl, name=layer_names[1])(x)
+  return batch_norm(train=train, affine=affine, dtype=dtype, name=layer_names[2])(x)
 
 
 class DilConv(nn.Module):
@@ -308,7 +310,7 @@ class DilConv(nn.Module):
   def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
     g = _groups(self.groups, x.shape[-1], 'DilConv')
     return _relu_conv_bn(x, self.features, self.kernel_size, self.stride, self.padding,
-                         self.dilation, g, ('dw', 'pw', 'bn'), affine=self.affine,
+                         self.dilation, g, L.DIL_LAYERS, affine=self.affine,
                          dtype=self.dtype, impl=self.impl, train=train)
 
 
@@ -333,9 +335,9 @@ class SepConv(nn.Module):
     g = _groups(self.groups, c_in, 'SepConv')
     common = dict(affine=self.affine, dtype=self.dtype, impl=self.impl, train=train)
     x = _relu_conv_bn(x, c_in, self.kernel_size, self.stride, self.padding, 1, g,
-                      ('dw1', 'pw1', 'bn1'), **common)
+                      L.SEP_LAYERS[0], **common)
     return _relu_conv_bn(x, self.features, self.kernel_size, 1, self.padding, 1, g,
-                         ('dw2', 'pw2', 'bn2'), **common)
+                         L.SEP_LAYERS[1], **common)
 
 
 class MaxPool3x3(nn.Module):
