@@ -61,11 +61,13 @@ def shrink_run(run, **fields):
   return run
 
 
+@pytest.mark.e2e
 def test_train_reads_every_field(tmp_path, unrecorded_validation):
   c = shrink_run(load_config('train', 'demo'), **{'model.depth': 10, 'model.widen_factor': 1})
   assert unread(c, lambda c: jobs.run(c, str(tmp_path))) == []
 
 
+@pytest.mark.e2e
 def test_distill_reads_every_field(tmp_path, unrecorded_validation):
   c = shrink_run(load_config('distill', 'demo'), **{'model.depth': 10, 'model.widen_factor': 1})
   c.distill.teacher_model.depth = 10
@@ -74,6 +76,7 @@ def test_distill_reads_every_field(tmp_path, unrecorded_validation):
   assert unread(c, lambda c: jobs.run(c, str(tmp_path))) == []
 
 
+@pytest.mark.e2e
 def test_darts_eval_reads_every_field(tmp_path, unrecorded_validation):
   c = shrink_run(load_config('darts_eval', 'demo'),
                  **{'model.layers': 3, 'model.init_channels': 4})
