@@ -7,21 +7,26 @@ supernet forward + backward pass (the gradient in weights and alphas of the trai
 loss: the unit of work the search steps are made of; first order costs two of them).
 Everything is compiled and called once first; then ``--repeats`` rounds call each
 variant once in turn (so that load from other processes hits all alike), and each
-timing is the median of its rounds. Compile times are reported too. Prints a table and writes JSON with the ratios
-``second_over_first_order`` (the DARTS paper's second-order search costs about 2-3
-first-order steps; target here <= 3) and ``fd_over_first_order``.
+timing is the median of its rounds. Compile times are reported too. Prints a table and
+writes JSON with the ratios ``second_over_first_order`` (the DARTS paper's second-order
+search costs about 2-3 first-order steps; target here <= 3) and ``fd_over_first_order``.
+``--phase-scan`` times the steps with ``arch.phase_scan`` (first order and finite
+differences as one ``lax.scan`` around one network copy: shorter compiles, slower steps).
 
   python benchmarks/darts_search.py --json out.json
+  python benchmarks/darts_search.py --layers 5 --channels 4 --only first_order,second_order_fd \
+      [--phase-scan]      # the :demo sizes
   python benchmarks/darts_search.py --layers 8 --channels 16 --batch 64 --image 32 --json out.json
 
 Small defaults (5 cells, C=8, batch 32, 8x8x1 images) keep it to a few minutes on 2
 CPU cores, most of it compiling. References: Liu, Simonyan & Yang, "DARTS:
-Differentiable Architecture Search" (ICLR 2019).
+Differentiable Architecture Search" (ICLR 2019, arXiv:1806.09055).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -33,8 +38,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from distill_jax import config_lib
 from distill_jax import data as data_lib
 from distill_jax import search
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _batch(rng: np.random.Generator, batch: int, image: int, channels: int, classes: int) -> dict:
@@ -43,13 +51,36 @@ def _batch(rng: np.random.Generator, batch: int, image: int, channels: int, clas
           'mask': jnp.ones((batch,), jnp.float32)}
 
 
-def prepare_search_step(base: dict, variant: dict, batches: tuple) -> tuple[float, Callable]:
+def search_setup(args: argparse.Namespace, **fields) -> search.SearchSetup:
+  """The step pieces of ``configs/darts_search.py`` (the full search's recipe) with the
+  benchmark's network and ``fields`` (dotted names) set."""
+  config = load_search_config()
+  values = {'model.layers': args.layers, 'model.init_channels': args.channels,
+            'model.impl': args.impl, 'arch.reuse_train_grad': not args.no_reuse,
+            'arch.phase_scan': args.phase_scan, **fields}
+  config = config_lib.set_fields(config, values)
+  search.validate(config)
+  channels = args.image_channels
+  return search.build_setup(config, mean=(0.5,) * channels, std=(0.25,) * channels,
+                            steps_per_epoch=1)
+
+
+def load_search_config():
+  spec = importlib.util.spec_from_file_location(
+      'configs_darts_search', os.path.join(REPO, 'configs', 'darts_search.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config('')
+  config.unlock()
+  return config
+
+
+def prepare_search_step(setup: search.SearchSetup, batches: tuple) -> tuple[float, Callable]:
   """(compile seconds, a zero-argument callable running one step and waiting for it)."""
-  cfg = search.SearchConfig(**base, **variant)
   mesh = data_lib.make_mesh(1)
-  holder = {'state': data_lib.replicate(search.create_search_state(cfg, 0, (1, *batches[2])),
+  holder = {'state': data_lib.replicate(search.create_search_state(setup, 0, (1, *batches[2])),
                                         mesh)}
-  step, _ = search.compile_search_steps(cfg, mesh)
+  step, _ = search.jit_search_steps(setup, mesh)
   t = time.perf_counter()
   compiled = step.lower(holder['state'], batches[0], batches[1]).compile()
   compile_s = time.perf_counter() - t
@@ -62,14 +93,12 @@ def prepare_search_step(base: dict, variant: dict, batches: tuple) -> tuple[floa
   return compile_s, run
 
 
-def prepare_forward_backward(base: dict, batches: tuple) -> tuple[float, Callable]:
+def prepare_forward_backward(setup: search.SearchSetup, batches: tuple) -> tuple[float, Callable]:
   """The gradient of the training loss in weights and alphas (train-mode BN)."""
-  cfg = search.SearchConfig(**base, order=1)
-  state = search.create_search_state(cfg, 0, (1, *batches[2]))
-  losses = search.Losses(cfg.model(), jax.tree.map(jnp.asarray, state.batch_stats))
-  images = data_lib.normalize(batches[0]['image'], cfg.mean, cfg.std)
-  fn = jax.jit(lambda p, a, x, y: {k: v for k, v in losses.grads(p, a, x, y).items()
-                                   if k in ('loss', 'gw', 'ga')})
+  state = search.create_search_state(setup, 0, (1, *batches[2]))
+  losses = search.Losses(setup.model, jax.tree.map(jnp.asarray, state.batch_stats))
+  images = setup.normalize(batches[0]['image'])
+  fn = jax.jit(lambda p, a, x, y: (lambda out: (out.loss, out.grad))(losses.grads(p, a, x, y)))
   args = (jax.tree.map(jnp.asarray, state.params), jax.tree.map(jnp.asarray, state.alphas),
           images, batches[0]['label'])
   t = time.perf_counter()
@@ -90,11 +119,14 @@ def main() -> None:
   parser.add_argument('--batch', type=int, default=32, help='batch size (train and val)')
   parser.add_argument('--image', type=int, default=8, help='image height = width')
   parser.add_argument('--image-channels', type=int, default=1)
-  parser.add_argument('--impl', default='lax', choices=('fast', 'lax'),
+  parser.add_argument('--impl', default='lax', choices=search.IMPLS,
                       help='darts_ops implementation')
   parser.add_argument('--repeats', type=int, default=7)
   parser.add_argument('--no-reuse', action='store_true',
                       help='second order recomputes grad_w L_train after the alpha update')
+  parser.add_argument('--phase-scan', action='store_true',
+                      help='first order / finite differences: arch.phase_scan (one network copy '
+                      'in the compiled step)')
   parser.add_argument('--only', default='', help='comma-separated subset of: fwd_bwd, first_order, '
                       'second_order_exact, second_order_fd')
   parser.add_argument('--json', default='', help='write the results here')
@@ -104,16 +136,13 @@ def main() -> None:
   shape = (args.image, args.image, args.image_channels)
   batches = (_batch(rng, args.batch, args.image, args.image_channels, 10),
              _batch(rng, args.batch, args.image, args.image_channels, 10), shape)
-  base = dict(mean=(0.5,) * args.image_channels, std=(0.25,) * args.image_channels,
-              layers=args.layers, init_channels=args.channels, impl=args.impl,
-              reuse_train_grad=not args.no_reuse)
   prepare = {
-      'fwd_bwd': lambda: prepare_forward_backward(base, batches),
-      'first_order': lambda: prepare_search_step(base, dict(order=1), batches),
+      'fwd_bwd': lambda: prepare_forward_backward(search_setup(args, order=1), batches),
+      'first_order': lambda: prepare_search_step(search_setup(args, order=1), batches),
       'second_order_exact': lambda: prepare_search_step(
-          base, dict(order=2, hessian='exact'), batches),
+          search_setup(args, order=2, hessian='exact'), batches),
       'second_order_fd': lambda: prepare_search_step(
-          base, dict(order=2, hessian='finite_difference'), batches),
+          search_setup(args, order=2, hessian='finite_difference'), batches),
   }
   only = [x for x in args.only.split(',') if x] or list(prepare)
   compiled = {}
@@ -149,7 +178,8 @@ def main() -> None:
 
   print()
   print(f'| step ({args.layers} cells, C={args.channels}, batch {args.batch}, '
-        f'{args.image}x{args.image}, impl {args.impl}) | compile (s) | median step (ms) |')
+        f'{args.image}x{args.image}, impl {args.impl}{", phase scan" if args.phase_scan else ""})'
+        ' | compile (s) | median step (ms) |')
   print('|---|---:|---:|')
   for name, r in results.items():
     print(f'| {name} | {r["compile_s"]:.1f} | {1e3 * r["median_s"]:.1f} |')

@@ -1,30 +1,37 @@
 r"""DARTS architecture search: bilevel optimisation of a supernet's weights and alphas.
 
 Liu, Simonyan & Yang, "DARTS: Differentiable Architecture Search" (ICLR 2019,
-arXiv:1806.09055), section 2.3 (approximate architecture gradient), algorithm 1 and
-section 2.4 (deriving discrete architectures); hyper-parameters and details of the
-authors' release as collected in ``FACTS.md`` (Search). Written anew in JAX.
+arXiv:1806.09055): section 2.3 (the approximate architecture gradient), Algorithm 1,
+section 2.4 (deriving the discrete cells) and the search recipe of section 3.1 /
+appendix A.1; the details follow the authors' release (github.com/quark0/darts,
+``cnn/architect.py`` for the architecture step, ``cnn/train_search.py`` for the loop).
+Written anew in JAX.
 
 The problem. The training split is halved (``data.validation_fraction = 0.5``): the
 weights ``w`` of :class:`~distill_jax.models.supernet.SuperNetwork` minimise
 ``L_train(w, alpha)`` on one half, the architecture ``alpha`` minimises
-``L_val(w*(alpha), alpha)`` on the other. Every step (:func:`search_step`) first updates
-``alpha`` on a validation batch, then ``w`` on a training batch:
+``L_val(w*(alpha), alpha)`` on the other. Every step (:func:`search_step`) is Algorithm 1:
 
-* weights: SGD, learning rate ``xi`` cosine from 0.025 to 0.001 (constant within an
-  epoch, as the release's per-epoch scheduler), momentum 0.9, weight decay 3e-4 added to
-  the gradient, global-norm clipping at 5;
-* alphas: Adam (lr 3e-4, betas (0.5, 0.999)) with weight decay 1e-3 added to the
-  gradient (``add_decayed_weights`` then ``adam``, as the release's ``Adam(weight_decay)``);
-* ``order=1``: ``d_alpha = grad_alpha L_val(w, alpha)``;
-* ``order=2``: with the virtual step ``w' = w - xi (momentum * buffer + grad_w L_train(w,
-  alpha) + wd * w)`` (the SGD step without clipping, ``buffer`` the momentum buffer),
-  ``d_alpha = d/d_alpha L_val(w'(alpha), alpha)``, either ``hessian='exact'`` (the total
-  derivative, by differentiating through the virtual step) or
-  ``hessian='finite_difference'`` (the release's approximation)
-  ``grad_alpha L_val(w', alpha) - xi [grad_alpha L_train(w+, alpha) - grad_alpha
-  L_train(w-, alpha)] / (2 eps)`` with ``w+- = w +- eps v``, ``v = grad_w' L_val(w',
-  alpha)``, ``eps = fd_epsilon / ||v||`` (``fd_epsilon`` = 0.01).
+1. the architecture step, on a validation batch (:func:`architecture_gradient`):
+
+   * ``order=1``: ``d_alpha = grad_alpha L_val(w, alpha)``;
+   * ``order=2``: with the virtual step ``w' = w - xi (momentum * buffer + grad_w
+     L_train(w, alpha) + wd * w)`` (the SGD step without clipping, ``buffer`` the momentum
+     buffer, as ``_compute_unrolled_model`` in ``cnn/architect.py``),
+     ``d_alpha = d/d_alpha L_val(w'(alpha), alpha)``, either ``hessian='exact'`` (the
+     total derivative, by differentiating through the virtual step) or
+     ``hessian='finite_difference'`` (the release's ``_hessian_vector_product``)
+     ``grad_alpha L_val(w', alpha) - xi [grad_alpha L_train(w+, alpha) - grad_alpha
+     L_train(w-, alpha)] / (2 eps)`` with ``w+- = w +- eps v``, ``v = grad_w' L_val(w',
+     alpha)``, ``eps = fd_epsilon / ||v||`` (``fd_epsilon`` = 0.01);
+
+   then ``alpha <- Adam(d_alpha)`` (lr 3e-4, betas (0.5, 0.999), weight decay 1e-3 added
+   to the gradient: ``add_decayed_weights`` then ``adam``, as the release's
+   ``Adam(weight_decay)``);
+2. the weight step, on a training batch: ``w <- SGD(grad_w L_train(w, alpha'))`` with
+   learning rate ``xi`` cosine from 0.025 to 0.001 (constant within an epoch, as the
+   release's per-epoch scheduler), momentum 0.9, weight decay 3e-4 added to the gradient,
+   global-norm clipping at 5.
 
 Batch norm runs in train mode (batch statistics) in all of these losses, as in the
 release. The running statistics (used only by the evaluation of the validation half)
@@ -36,24 +43,31 @@ the weight step then applies ``grad_w L_train(w, alpha)`` computed for the virtu
 recomputes it at the updated alpha; the two differ by one Adam step of alpha (lr 3e-4)
 in the gradient's alpha. Turn it off to follow the release exactly.
 
-Compile size. On CPU the supernet's compile time, not its step time, dominates short
-runs (TRAPS.md). The network's forward and backward pass appears once in the compiled
-step: the losses of a step are evaluated by one ``lax.scan`` over *phases* (which
-weights, which alphas, which batch; what to do with the gradients) around a single
-``value_and_grad`` of the loss. First order has two phases (validation at ``(w,
-alpha)``, then the alpha update; training at ``(w, alpha')``), finite differences four
-or five (training at ``w``; validation at ``w'``; training at ``w+`` and ``w-``, then
-the alpha update; training at ``(w, alpha')`` unless reused). ``hessian='exact'``
-differentiates through the virtual step directly (a second-order program).
+What the step needs is built once from the config (:func:`build_setup`): the network, the
+two optax optimizers, the learning-rate schedule, the augmentation and the few static
+choices above (:class:`SearchSetup`). Each pass through the network is its own line of
+the step. On CPU the compile time grows with the number of network copies in the
+program, so ``arch.phase_scan=True`` (first order and finite differences) runs the same
+passes as one ``lax.scan`` around a single copy (:func:`scanned_passes`, tested equal to
+the straight-line step). Measured at the ``:demo`` sizes on 2 CPU cores
+(``benchmarks/darts_search.py [--phase-scan]``): finite differences compile in ~31 s
+instead of ~70 s for a step ~50-70 ms (7-10%) slower, so the scan pays for searches
+shorter than ~600 steps; first order compiles 5-11 s faster for ~67 ms (20%) more per
+step, even at the demo's 66 steps. It is off by default: long searches are faster without.
 
 Genotype (section 2.4): per intermediate node, the two incoming edges with the largest
 non-``none`` softmax weight, each with its best non-``none`` operation
-(:func:`derive_genotype`).
+(:func:`derive_genotype`, the release's ``genotype()`` in ``cnn/model_search.py``).
 
 Files in ``workdir``: ``checkpoints/`` (orbax; the whole :class:`SearchState`, alphas and
 their Adam state included), TensorBoard events, ``metrics.jsonl``, ``genotype.json``
 (rewritten every epoch) and ``genotypes.jsonl`` (one line per epoch), and at the end
 ``alphas.png``, ``normal_cell.png``, ``reduce_cell.png`` and ``results.json``.
+
+Job interface: :func:`validate` (the config checks, before any compute) and :func:`run`
+(``mode='train'`` searches, resuming; ``'evaluate'`` scores the latest checkpoint's
+supernet on the validation half and prints its genotype; ``'report'`` rewrites
+``genotype.json`` and the pictures from the latest checkpoint).
 """
 
 from __future__ import annotations
@@ -61,13 +75,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple
 
 from absl import logging
-from clu import metric_writers
 import flax
 import jax
 import jax.numpy as jnp
@@ -80,15 +92,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from distill_jax import checkpoint as ckpt_lib
 from distill_jax import data as data_lib
 from distill_jax import genotypes as genotypes_lib
-from distill_jax import train as train_lib
+from distill_jax import loop
 from distill_jax import validation
 from distill_jax.genotypes import NUM_INPUTS, NUM_NODES, PRIMITIVES, Genotype
 from distill_jax.models.supernet import EDGES, NUM_EDGES, SuperNetwork, init_alphas, init_supernet
+from distill_jax.options import JobOptions
 
 ORDERS = (1, 2)
 HESSIANS = ('exact', 'finite_difference')
-RESULTS_FILE = 'results.json'
-METRICS_FILE = 'metrics.jsonl'
+IMPLS = ('auto', 'fast', 'lax')
 GENOTYPE_FILE = 'genotype.json'
 GENOTYPE_HISTORY_FILE = 'genotypes.jsonl'
 # Validation batches are drawn from their own permutation stream: seed + this offset.
@@ -96,7 +108,7 @@ VAL_SEED_OFFSET = 1_000_003
 
 
 # ---------------------------------------------------------------------------
-# State and static settings.
+# State, and what the step needs, built once from the config.
 
 
 @flax.struct.dataclass
@@ -117,72 +129,90 @@ class SearchState:
 
 
 @dataclasses.dataclass(frozen=True)
-class SearchConfig:
-  """Static (hashable) settings of the compiled search step.
+class SearchSetup:
+  """The pieces of the compiled step, built from the config by :func:`build_setup`.
 
-  Equal settings share one compiled step per mesh (:func:`compile_search_steps`).
+  ``tx`` updates the weights (``learning_rate(step)`` is its schedule, also the virtual
+  step's ``xi``), ``arch_tx`` the alphas; ``augment(images, key)`` turns a raw uint8
+  training batch into the network's float input, ``normalize(images)`` an evaluation
+  batch. ``order``, ``hessian``, ``reuse_train_grad`` and ``fd_epsilon`` choose the
+  architecture gradient; ``momentum`` and ``weight_decay`` are the weight optimizer's,
+  repeated for the virtual step.
   """
-  mean: tuple[float, ...]
-  std: tuple[float, ...]
-  num_classes: int = 10
-  layers: int = 8
-  init_channels: int = 16
-  stem_multiplier: int = 3
-  impl: str | None = None
-  reductions: tuple[int, ...] | None = None
-  dtype: str = 'float32'
-  crop_padding: int = 4
-  flip: bool = True
-  cutout: int = 0
-  pad_mode: str = 'constant'
+  model: SuperNetwork
+  tx: optax.GradientTransformation
+  arch_tx: optax.GradientTransformation
+  learning_rate: Callable[[Any], jax.Array]
+  augment: Callable[[jax.Array, jax.Array], jax.Array]
+  normalize: Callable[[jax.Array], jax.Array]
   order: int = 1
   hessian: str = 'exact'
   reuse_train_grad: bool = True
-  learning_rate: float = 0.025
-  final_learning_rate: float = 0.001
-  schedule: str = 'cosine'
+  fd_epsilon: float = 0.01
   momentum: float = 0.9
   weight_decay: float = 3e-4
-  grad_clip_norm: float = 5.0
-  arch_learning_rate: float = 3e-4
-  arch_b1: float = 0.5
-  arch_b2: float = 0.999
-  arch_weight_decay: float = 1e-3
-  fd_epsilon: float = 0.01
-  steps_per_epoch: int = 1
-  num_epochs: int = 1
-
-  def model(self) -> SuperNetwork:
-    return SuperNetwork(layers=self.layers, init_channels=self.init_channels,
-                        num_classes=self.num_classes, stem_multiplier=self.stem_multiplier,
-                        dtype=jnp.dtype(self.dtype), impl=self.impl, reductions=self.reductions)
+  phase_scan: bool = False
 
 
-def learning_rate(cfg: SearchConfig, step: Any) -> Any:
-  """The weights' learning rate ``xi`` at ``step``: cosine annealing from
-  ``learning_rate`` to ``final_learning_rate`` over the epochs, constant within an epoch
-  (the release steps its scheduler once per epoch), or constant."""
-  if cfg.schedule == 'constant':
-    return jnp.asarray(cfg.learning_rate, jnp.float32)
-  epoch = (jnp.asarray(step) // cfg.steps_per_epoch).astype(jnp.float32)
-  cos = 0.5 * (1.0 + jnp.cos(jnp.pi * epoch / cfg.num_epochs))
-  return cfg.final_learning_rate + (cfg.learning_rate - cfg.final_learning_rate) * cos
+def learning_rate_schedule(optimizer: ml_collections.ConfigDict, num_epochs: int,
+                           steps_per_epoch: int) -> Callable[[Any], jax.Array]:
+  """The weights' learning rate ``xi`` at a step: ``optimizer.schedule='cosine'`` anneals
+  from ``learning_rate`` to ``final_learning_rate`` over the epochs, constant within an
+  epoch (``cnn/train_search.py`` steps its ``CosineAnnealingLR`` once per epoch);
+  ``'constant'`` keeps ``learning_rate``."""
+  lr, final_lr = float(optimizer.learning_rate), float(optimizer.final_learning_rate)
+  if optimizer.schedule == 'constant':
+    return lambda step: jnp.asarray(lr, jnp.float32)
+
+  def cosine(step):
+    epoch = (jnp.asarray(step) // steps_per_epoch).astype(jnp.float32)
+    return final_lr + (lr - final_lr) * 0.5 * (1.0 + jnp.cos(jnp.pi * epoch / num_epochs))
+
+  return cosine
 
 
-def weight_optimizer(cfg: SearchConfig) -> optax.GradientTransformation:
+def weight_optimizer(optimizer: ml_collections.ConfigDict, schedule: Callable
+                     ) -> optax.GradientTransformation:
   """Clip (global norm) -> L2 weight decay added to the gradient -> SGD with momentum."""
   parts = []
-  if cfg.grad_clip_norm:
-    parts.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
-  parts.append(optax.add_decayed_weights(cfg.weight_decay))
-  parts.append(optax.sgd(functools.partial(learning_rate, cfg), momentum=cfg.momentum or None))
+  if optimizer.grad_clip_norm:
+    parts.append(optax.clip_by_global_norm(float(optimizer.grad_clip_norm)))
+  parts.append(optax.add_decayed_weights(float(optimizer.weight_decay)))
+  parts.append(optax.sgd(schedule, momentum=float(optimizer.momentum) or None))
   return optax.chain(*parts)
 
 
-def arch_optimizer(cfg: SearchConfig) -> optax.GradientTransformation:
+def arch_optimizer(arch: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """L2 weight decay added to the gradient, then Adam (the release's ``Adam(weight_decay)``)."""
-  return optax.chain(optax.add_decayed_weights(cfg.arch_weight_decay),
-                     optax.adam(cfg.arch_learning_rate, b1=cfg.arch_b1, b2=cfg.arch_b2))
+  return optax.chain(optax.add_decayed_weights(float(arch.weight_decay)),
+                     optax.adam(float(arch.learning_rate), b1=float(arch.b1), b2=float(arch.b2)))
+
+
+def build_model(model: ml_collections.ConfigDict) -> SuperNetwork:
+  """The supernet of ``config.model``."""
+  return SuperNetwork(layers=model.layers, init_channels=model.init_channels,
+                      num_classes=model.num_classes, stem_multiplier=model.stem_multiplier,
+                      impl=model.impl)
+
+
+def build_setup(config: ml_collections.ConfigDict, *, mean: tuple[float, ...],
+                std: tuple[float, ...], steps_per_epoch: int) -> SearchSetup:
+  """What the step of a (validated) search config needs; ``mean``/``std`` are the
+  dataset's per-channel statistics, ``steps_per_epoch`` sets the schedule's epochs."""
+  mean, std = tuple(mean), tuple(std)
+  schedule = learning_rate_schedule(config.optimizer, config.num_epochs, steps_per_epoch)
+  data = config.data
+  return SearchSetup(
+      model=build_model(config.model), tx=weight_optimizer(config.optimizer, schedule),
+      arch_tx=arch_optimizer(config.arch), learning_rate=schedule,
+      augment=functools.partial(data_lib.augment, crop_padding=data.crop_padding,
+                                flip=data.flip, cutout=data.cutout, pad_mode=data.pad_mode,
+                                mean=mean, std=std),
+      normalize=functools.partial(data_lib.normalize, mean=mean, std=std),
+      order=config.order, hessian=config.hessian,
+      reuse_train_grad=config.arch.reuse_train_grad, fd_epsilon=float(config.arch.fd_epsilon),
+      momentum=float(config.optimizer.momentum),
+      weight_decay=float(config.optimizer.weight_decay), phase_scan=config.arch.phase_scan)
 
 
 def momentum_buffer(opt_state: Any, params: Any) -> Any:
@@ -198,17 +228,19 @@ def initial_alphas(seed: int, dtype: Any = jnp.float32) -> dict:
                       init_alphas(jax.random.fold_in(jax.random.PRNGKey(seed), 1)))
 
 
-def create_search_state(cfg: SearchConfig, seed: int, input_shape: tuple[int, ...]) -> SearchState:
-  """A fresh state at step 0 (host arrays): weights by PyTorch's default initialisers,
-  alphas ``1e-3 * N(0, 1)``."""
-  variables = init_supernet(cfg.model(), seed, input_shape)
-  cast = functools.partial(jax.tree.map, lambda x: np.asarray(x, jnp.dtype(cfg.dtype)))
+def create_search_state(setup: SearchSetup, seed: int, input_shape: tuple[int, ...]
+                        ) -> SearchState:
+  """A fresh state at step 0 (host arrays, in the model's dtype): weights by PyTorch's
+  default initialisers, alphas ``1e-3 * N(0, 1)``."""
+  dtype = jnp.dtype(setup.model.dtype)
+  variables = init_supernet(setup.model, seed, input_shape)
+  cast = functools.partial(jax.tree.map, lambda x: np.asarray(x, dtype))
   params = cast(variables['params'])
-  alphas = initial_alphas(seed, cfg.dtype)
+  alphas = initial_alphas(seed, dtype)
   return SearchState(step=np.zeros((), np.int32), params=params,
                      batch_stats=cast(variables['batch_stats']),
-                     opt_state=weight_optimizer(cfg).init(params), alphas=alphas,
-                     arch_opt_state=arch_optimizer(cfg).init(alphas),
+                     opt_state=setup.tx.init(params), alphas=alphas,
+                     arch_opt_state=setup.arch_tx.init(alphas),
                      rng=np.asarray(jax.random.PRNGKey(seed)))
 
 
@@ -216,13 +248,13 @@ def create_search_state(cfg: SearchConfig, seed: int, input_shape: tuple[int, ..
 # Losses and the architecture gradient.
 
 
-def _tree_axpy(a: Any, x: Any, y: Any) -> Any:
-  """``a * x + y`` over pytrees."""
-  return jax.tree.map(lambda xi, yi: a * xi + yi, x, y)
-
-
-def _top1_error(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  return jnp.mean((jnp.argmax(logits, -1) != labels).astype(jnp.float32))
+class Pass(NamedTuple):
+  """One forward and backward pass: the loss, logits, updated running statistics and the
+  gradient (in the weights, the alphas, or both as ``(gw, ga)``)."""
+  loss: jax.Array
+  logits: jax.Array
+  batch_stats: Any
+  grad: Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,222 +271,258 @@ class Losses:
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
     return jnp.mean(ce), (logits, new_vars['batch_stats'])
 
-  def grads(self, params: Any, alphas: Any, x: jax.Array, y: jax.Array) -> dict:
-    """Loss, logits, running statistics and the gradients in weights and alphas."""
-    (loss, (logits, stats)), (gw, ga) = jax.value_and_grad(self.loss, argnums=(0, 1),
-                                                           has_aux=True)(params, alphas, x, y)
-    return {'loss': loss, 'logits': logits, 'batch_stats': stats, 'gw': gw, 'ga': ga}
+  def _pass(self, argnums, params, alphas, x, y) -> Pass:
+    (loss, (logits, stats)), grad = jax.value_and_grad(self.loss, argnums=argnums,
+                                                       has_aux=True)(params, alphas, x, y)
+    return Pass(loss, logits, stats, grad)
+
+  def grad_params(self, params: Any, alphas: Any, x: jax.Array, y: jax.Array) -> Pass:
+    """``grad_w L(w, alpha)``."""
+    return self._pass(0, params, alphas, x, y)
+
+  def grad_alphas(self, params: Any, alphas: Any, x: jax.Array, y: jax.Array) -> Pass:
+    """``grad_alpha L(w, alpha)``."""
+    return self._pass(1, params, alphas, x, y)
+
+  def grads(self, params: Any, alphas: Any, x: jax.Array, y: jax.Array) -> Pass:
+    """``(grad_w L(w, alpha), grad_alpha L(w, alpha))``."""
+    return self._pass((0, 1), params, alphas, x, y)
 
 
-def virtual_step(cfg: SearchConfig, params: Any, grad: Any, buffer: Any, lr: jax.Array) -> Any:
+def virtual_step(setup: SearchSetup, params: Any, grad: Any, buffer: Any, lr: jax.Array) -> Any:
   """``w' = w - xi (momentum * buffer + grad + wd * w)``: one SGD step without clipping."""
   return jax.tree.map(
-      lambda w, g, b: w - lr * (cfg.momentum * b + g + cfg.weight_decay * w), params, grad, buffer)
+      lambda w, g, b: w - lr * (setup.momentum * b + g + setup.weight_decay * w),
+      params, grad, buffer)
 
 
-@dataclasses.dataclass(frozen=True)
-class Phase:
-  """One evaluation of ``Losses.grads`` inside the phase scan.
+def _axpy(a: Any, x: Any, y: Any) -> Any:
+  """``a * x + y`` over pytrees."""
+  return jax.tree.map(lambda xi, yi: a * xi + yi, x, y)
 
-  ``point(carry) -> (params, alphas, use_val)`` chooses where and on which batch;
-  ``then(carry, out) -> carry`` consumes the result.
+
+class ArchGradient(NamedTuple):
+  """``d_alpha`` and its by-products: the validation pass it came from (at ``w`` for first
+  order, at ``w'`` for second order) and, for second order, the training pass at ``(w,
+  alpha)`` of the virtual step (``grad`` = ``grad_w L_train``; reusable by the weight step)."""
+  dalpha: Any
+  val: Pass
+  train: Pass | None
+
+
+def architecture_gradient(setup: SearchSetup, losses: Losses, params: Any, buffer: Any,
+                          alphas: Any, train: tuple[jax.Array, jax.Array],
+                          val: tuple[jax.Array, jax.Array], lr: jax.Array) -> ArchGradient:
+  """The architecture gradient of ``setup.order`` / ``setup.hessian`` (module docstring)
+  on preprocessed ``(images, labels)`` batches; ``lr`` is the virtual step's ``xi``."""
+  if setup.order == 1:
+    # d_alpha = grad_alpha L_val(w, alpha).
+    val_pass = losses.grad_alphas(params, alphas, *val)
+    return ArchGradient(val_pass.grad, val_pass, None)
+
+  if setup.hessian == 'exact':
+    # d_alpha = d/d_alpha L_val(w'(alpha), alpha), w'(alpha) = w - xi (m b + grad_w
+    # L_train(w, alpha) + wd w): differentiate through the virtual step.
+    def unrolled_val_loss(a):
+      train_pass = losses.grad_params(params, a, *train)
+      w_prime = virtual_step(setup, params, train_pass.grad, buffer, lr)
+      val_loss, (val_logits, val_stats) = losses.loss(w_prime, a, *val)
+      return val_loss, (train_pass, val_logits, val_stats)
+
+    (val_loss, (train_pass, val_logits, val_stats)), dalpha = jax.value_and_grad(
+        unrolled_val_loss, has_aux=True)(alphas)
+    return ArchGradient(dalpha, Pass(val_loss, val_logits, val_stats, dalpha), train_pass)
+
+  # Finite differences (cnn/architect.py, _backward_step_unrolled):
+  # w' = w - xi (m b + grad_w L_train(w, alpha) + wd w)
+  train_pass = losses.grad_params(params, alphas, *train)
+  w_prime = virtual_step(setup, params, train_pass.grad, buffer, lr)
+  # v = grad_w' L_val(w', alpha) and grad_alpha L_val(w', alpha), from one pass
+  val_pass = losses.grads(w_prime, alphas, *val)
+  v, dalpha = val_pass.grad
+  # eps = fd_epsilon / ||v||; w+- = w +- eps v
+  eps = setup.fd_epsilon / jnp.maximum(optax.global_norm(v), 1e-30)
+  g_plus = losses.grad_alphas(_axpy(eps, v, params), alphas, *train).grad
+  g_minus = losses.grad_alphas(_axpy(-eps, v, params), alphas, *train).grad
+  # d_alpha = grad_alpha L_val(w', alpha) - xi (g+ - g-) / (2 eps)
+  hvp = jax.tree.map(lambda p, m: (p - m) / (2 * eps.astype(p.dtype)), g_plus, g_minus)
+  dalpha = jax.tree.map(lambda d, h: d - lr.astype(h.dtype) * h, dalpha, hvp)
+  return ArchGradient(dalpha, val_pass, train_pass)
+
+
+def arch_gradient(setup: SearchSetup, params: Any, batch_stats: Any, opt_state: Any,
+                  alphas: Any, train: tuple[jax.Array, jax.Array],
+                  val: tuple[jax.Array, jax.Array], lr: jax.Array) -> Any:
+  """``d_alpha`` of :func:`architecture_gradient` as :func:`search_step` computes it (the
+  momentum buffer read from the weights' ``opt_state``), without any update. For tests
+  and analysis."""
+  return architecture_gradient(setup, Losses(setup.model, batch_stats), params,
+                               momentum_buffer(opt_state, params), alphas, train, val,
+                               lr).dalpha
+
+
+def scanned_passes(setup: SearchSetup, losses: Losses, params: Any, buffer: Any, alphas: Any,
+                   arch_opt_state: Any, train: tuple, val: tuple, lr: jax.Array
+                   ) -> tuple[Any, Any, Any, Pass, Pass]:
+  """The passes of :func:`search_step` (first order or finite differences: the same
+  points, batches and arithmetic) as one ``lax.scan`` over the pass index around a single
+  forward and backward pass (``setup.phase_scan``): XLA then compiles the network once
+  instead of two to five times, for a slower step (every pass computes both gradients).
+
+  Returns ``(d_alpha, alpha', arch_opt_state', validation pass, weight-step pass)``.
   """
-  point: Callable[[dict], tuple[Any, Any, jax.Array]]
-  then: Callable[[dict, dict], dict]
+  first = setup.order == 1
+  # Pass i runs at weights[i] on batches[i] (0 train, 1 val), with the carry's alphas:
+  # first order: val at (w, alpha); then train at (w, alpha').
+  # finite differences: train at w; val at w'; train at w+ and w-; then (unless reused)
+  # train at (w, alpha').
+  weights = [lambda c: params] * 2 if first else [
+      lambda c: params, lambda c: virtual_step(setup, params, c['g_train'], buffer, lr),
+      lambda c: _axpy(c['eps'], c['v'], params), lambda c: _axpy(-c['eps'], c['v'], params),
+      lambda c: params]
+  batches = [1, 0] if first else [0, 1, 0, 0, 0]
+  num_arch = 1 if first else 4          # the alpha update follows pass num_arch - 1
+  weight_pass = 0 if not first and setup.reuse_train_grad else num_arch
+  num_passes = max(num_arch, weight_pass + 1)
+  xs, ys = jnp.stack([train[0], val[0]]), jnp.stack([train[1], val[1]])
 
+  def select(pred, new, old):
+    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
 
-def _run_phases(losses: Losses, phases: Sequence[Phase], carry: dict, train: tuple, val: tuple
-                ) -> dict:
-  """Runs ``phases`` in order with one compiled copy of the forward and backward pass."""
-  xs = jnp.stack([train[0], val[0]])
-  ys = jnp.stack([train[1], val[1]])
+  def body(c, i):
+    which = jnp.asarray(batches)[i]
+    out = losses.grads(lax.switch(i, weights[:num_passes], c), c['alphas'], xs[which],
+                       ys[which])
+    (gw, ga), record = out.grad, (out.loss, out.logits, out.batch_stats)
+    if first:
+      c = {**c, 'dalpha': select(i == 0, ga, c['dalpha']),
+           'val': select(i == 0, record, c['val'])}
+    else:
+      eps = setup.fd_epsilon / jnp.maximum(optax.global_norm(gw), 1e-30)
+      hvp = jax.tree.map(lambda p, m: (p - m) / (2 * c['eps'].astype(p.dtype)), c['g_plus'], ga)
+      finished = jax.tree.map(lambda d, h: d - lr.astype(h.dtype) * h, c['dalpha'], hvp)
+      c = {**c, 'g_train': select(i == 0, gw, c['g_train']), 'v': select(i == 1, gw, c['v']),
+           'eps': jnp.where(i == 1, eps.astype(c['eps'].dtype), c['eps']),
+           'val': select(i == 1, record, c['val']), 'g_plus': select(i == 2, ga, c['g_plus']),
+           'dalpha': select(i == 1, ga, select(i == 3, finished, c['dalpha']))}
+    updates, opt_state = setup.arch_tx.update(c['dalpha'], c['arch_opt_state'], c['alphas'])
+    c = {**c, 'train': select(i == weight_pass, (*record, gw), c['train']),
+         **select(i == num_arch - 1, {'alphas': optax.apply_updates(c['alphas'], updates),
+                                      'arch_opt_state': opt_state},
+                  {'alphas': c['alphas'], 'arch_opt_state': c['arch_opt_state']})}
+    return c, None
 
-  def body(carry, i):
-    params, alphas, use_val = lax.switch(i, [p.point for p in phases], carry)
-    which = use_val.astype(jnp.int32)
-    out = losses.grads(params, alphas, xs[which], ys[which])
-    return lax.switch(i, [p.then for p in phases], carry, out), None
-
-  carry, _ = lax.scan(body, carry, jnp.arange(len(phases)))
-  return carry
-
-
-def _float_dtype(cfg: SearchConfig) -> Any:
-  """The dtype of losses and logits (float32, or float64 for a float64 supernet)."""
-  return jnp.promote_types(jnp.dtype(cfg.dtype), jnp.float32)
-
-
-def _initial_carry(cfg: SearchConfig, params: Any, alphas: Any, batch_stats: Any, batch: int
-                   ) -> dict:
-  zeros_w = jax.tree.map(jnp.zeros_like, params)
-  zeros_a = jax.tree.map(jnp.zeros_like, alphas)
-  scalar = jnp.zeros((), _float_dtype(cfg))
-  logits = jnp.zeros((batch, cfg.num_classes), _float_dtype(cfg))
-  return {'alphas': alphas, 'dalpha': zeros_a, 'hvp': zeros_a, 'g_train': zeros_w,
-          'v': zeros_w, 'eps': scalar, 'gw': zeros_w, 'batch_stats': batch_stats,
-          'train_loss': scalar, 'train_logits': logits, 'val_loss': scalar, 'val_logits': logits}
-
-
-def _arch_phases(cfg: SearchConfig, params: Any, buffer: Any, lr: jax.Array,
-                 update_alphas: Callable[[dict], dict], with_weight_phase: bool) -> list[Phase]:
-  """The phases of order 1 or of the finite-difference second order (see module doc)."""
-  false, true = jnp.asarray(False), jnp.asarray(True)
-
-  def at_w(c):
-    return params, c['alphas'], false
-
-  def keep_train(c, out):
-    return {**c, 'gw': out['gw'], 'batch_stats': out['batch_stats'], 'train_loss': out['loss'],
-            'train_logits': out['logits']}
-
-  def keep_val(c, out):
-    return {**c, 'dalpha': out['ga'], 'val_loss': out['loss'], 'val_logits': out['logits']}
-
-  weight_phase = [Phase(at_w, keep_train)] if with_weight_phase else []
-  if cfg.order == 1:
-    return [Phase(lambda c: (params, c['alphas'], true),
-                  lambda c, out: update_alphas(keep_val(c, out)))] + weight_phase
-
-  def unrolled(c):
-    return virtual_step(cfg, params, c['g_train'], buffer, lr), c['alphas'], true
-
-  def keep_v(c, out):
-    eps = cfg.fd_epsilon / jnp.maximum(optax.global_norm(out['gw']), 1e-30)
-    return {**keep_val(c, out), 'v': out['gw'], 'eps': eps.astype(_float_dtype(cfg))}
-
-  def finish_fd(c, out):
-    hvp = jax.tree.map(lambda p, m: (p - m) / (2 * c['eps'].astype(m.dtype)), c['hvp'], out['ga'])
-    dalpha = jax.tree.map(lambda d, h: d - lr.astype(h.dtype) * h, c['dalpha'], hvp)
-    return update_alphas({**c, 'hvp': hvp, 'dalpha': dalpha})
-
-  return [
-      Phase(at_w, lambda c, out: {**keep_train(c, out), 'g_train': out['gw']}),
-      Phase(unrolled, keep_v),
-      Phase(lambda c: (_tree_axpy(c['eps'], c['v'], params), c['alphas'], false),
-            lambda c, out: {**c, 'hvp': out['ga']}),
-      Phase(lambda c: (_tree_axpy(-c['eps'], c['v'], params), c['alphas'], false), finish_fd),
-  ] + weight_phase
-
-
-def _exact_second_order(cfg: SearchConfig, losses: Losses, params: Any, buffer: Any,
-                        alphas: Any, train: tuple, val: tuple, lr: jax.Array) -> tuple[Any, dict]:
-  """``d/d_alpha L_val(w'(alpha), alpha)`` by differentiating through the virtual step.
-
-  Returns the gradient and the by-products: the training gradient and loss at ``(w,
-  alpha)`` (reusable by the weight step) and the validation loss at ``w'``.
-  """
-
-  def unrolled_val_loss(a):
-    out = losses.grads(params, a, *train)
-    w_prime = virtual_step(cfg, params, out['gw'], buffer, lr)
-    val_loss, (val_logits, _) = losses.loss(w_prime, a, *val)
-    return val_loss, (out, val_logits)
-
-  (val_loss, (out, val_logits)), dalpha = jax.value_and_grad(
-      unrolled_val_loss, has_aux=True)(alphas)
-  return dalpha, {'gw': out['gw'], 'g_train': out['gw'], 'batch_stats': out['batch_stats'],
-                  'train_loss': out['loss'], 'train_logits': out['logits'],
-                  'val_loss': val_loss, 'val_logits': val_logits}
-
-
-def arch_gradient(cfg: SearchConfig, params: Any, batch_stats: Any, opt_state: Any, alphas: Any,
-                  train: tuple[jax.Array, jax.Array], val: tuple[jax.Array, jax.Array],
-                  lr: jax.Array) -> Any:
-  """The architecture gradient ``d_alpha`` of ``cfg.order`` / ``cfg.hessian`` on
-  preprocessed ``(images, labels)`` batches, as :func:`search_step` computes it (same
-  phases), without any update. For tests and analysis."""
-  losses = Losses(cfg.model(), batch_stats)
-  buffer = momentum_buffer(opt_state, params)
-  if cfg.order == 2 and cfg.hessian == 'exact':
-    return _exact_second_order(cfg, losses, params, buffer, alphas, train, val, lr)[0]
-  carry = _initial_carry(cfg, params, alphas, batch_stats, train[1].shape[0])
-  phases = _arch_phases(cfg, params, buffer, lr, lambda c: c, with_weight_phase=False)
-  return _run_phases(losses, phases, carry, train, val)['dalpha']
+  # The carry's shapes: one pass traced abstractly (nothing is computed).
+  shapes = jax.eval_shape(losses.grads, params, alphas, train[0], train[1])
+  zeros = lambda tree: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), tree)  # noqa: E731
+  gw0, ga0 = zeros(shapes.grad)
+  record0 = zeros((shapes.loss, shapes.logits, shapes.batch_stats))
+  carry = {'alphas': alphas, 'arch_opt_state': arch_opt_state, 'dalpha': ga0, 'val': record0,
+           'train': (*record0, gw0)}
+  if not first:
+    carry.update(g_train=gw0, v=gw0, g_plus=ga0, eps=jnp.ones((), shapes.loss.dtype))
+  c, _ = lax.scan(body, carry, jnp.arange(num_passes))
+  val_pass = Pass(*c['val'], grad=c['dalpha'])
+  return c['dalpha'], c['alphas'], c['arch_opt_state'], val_pass, Pass(*c['train'])
 
 
 # ---------------------------------------------------------------------------
 # The compiled steps.
 
 
-def _preprocess(cfg: SearchConfig, batch: dict, key: jax.Array) -> tuple[jax.Array, jax.Array]:
-  images = data_lib.augment(batch['image'], key, crop_padding=cfg.crop_padding, flip=cfg.flip,
-                            cutout=cfg.cutout, pad_mode=cfg.pad_mode, mean=cfg.mean, std=cfg.std)
-  return images.astype(jnp.dtype(cfg.dtype)), batch['label']
+def _top1_error(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  return jnp.mean((jnp.argmax(logits, -1) != labels).astype(jnp.float32))
 
 
-def search_step(state: SearchState, train_batch: dict, val_batch: dict, *, cfg: SearchConfig
+def _preprocess(setup: SearchSetup, batch: dict, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+  return setup.augment(batch['image'], key).astype(setup.model.dtype), batch['label']
+
+
+def search_step(state: SearchState, train_batch: dict, val_batch: dict, *, setup: SearchSetup
                 ) -> tuple[SearchState, dict]:
-  """One DARTS step on raw uint8 batches: the alpha step (on ``val_batch``), then the
-  weight step (on ``train_batch``). Returns the new state and scalar metrics."""
-  key = jax.random.fold_in(state.rng, state.step)
-  k_train, k_val = jax.random.split(key)
-  train = _preprocess(cfg, train_batch, k_train)
-  val = _preprocess(cfg, val_batch, k_val)
-  lr = learning_rate(cfg, state.step)
-  losses = Losses(cfg.model(), state.batch_stats)
+  """One DARTS step (Algorithm 1) on raw uint8 batches: the architecture step on
+  ``val_batch``, then the weight step on ``train_batch``. Returns the new state and
+  scalar metrics."""
+  k_train, k_val = jax.random.split(jax.random.fold_in(state.rng, state.step))
+  train = _preprocess(setup, train_batch, k_train)
+  val = _preprocess(setup, val_batch, k_val)
+  lr = setup.learning_rate(state.step)
+  losses = Losses(setup.model, state.batch_stats)
+
   buffer = momentum_buffer(state.opt_state, state.params)
-  arch_tx, tx = arch_optimizer(cfg), weight_optimizer(cfg)
-  reuse = cfg.order == 2 and cfg.reuse_train_grad
 
-  def update_alphas(c):
-    updates, arch_opt_state = arch_tx.update(c['dalpha'], c['arch_opt_state'], c['alphas'])
-    return {**c, 'alphas': optax.apply_updates(c['alphas'], updates),
-            'arch_opt_state': arch_opt_state}
-
-  carry = _initial_carry(cfg, state.params, state.alphas, state.batch_stats, train[1].shape[0])
-  carry['arch_opt_state'] = state.arch_opt_state
-  if cfg.order == 2 and cfg.hessian == 'exact':
-    dalpha, out = _exact_second_order(cfg, losses, state.params, buffer, state.alphas, train,
-                                      val, lr)
-    carry = update_alphas({**carry, **out, 'dalpha': dalpha})
-    if not reuse:
-      fresh = losses.grads(state.params, carry['alphas'], *train)
-      carry.update(gw=fresh['gw'], batch_stats=fresh['batch_stats'], train_loss=fresh['loss'],
-                   train_logits=fresh['logits'])
+  if setup.phase_scan and not (setup.order == 2 and setup.hessian == 'exact'):
+    dalpha, alphas, arch_opt_state, val_pass, train_pass = scanned_passes(
+        setup, losses, state.params, buffer, state.alphas, state.arch_opt_state, train, val, lr)
   else:
-    phases = _arch_phases(cfg, state.params, buffer, lr, update_alphas,
-                          with_weight_phase=not reuse)
-    carry = _run_phases(losses, phases, carry, train, val)
+    # 1. Architecture step: alpha <- alpha - Adam(d_alpha).
+    arch = architecture_gradient(setup, losses, state.params, buffer, state.alphas, train, val,
+                                 lr)
+    dalpha, val_pass = arch.dalpha, arch.val
+    updates, arch_opt_state = setup.arch_tx.update(dalpha, state.arch_opt_state, state.alphas)
+    alphas = optax.apply_updates(state.alphas, updates)
 
-  updates, opt_state = tx.update(carry['gw'], state.opt_state, state.params)
+    # 2. Weight step: w <- w - SGD(grad_w L_train(w, alpha')), or the virtual step's
+    # grad_w L_train(w, alpha) when reused (second order, arch.reuse_train_grad).
+    if arch.train is not None and setup.reuse_train_grad:
+      train_pass = arch.train
+    else:
+      train_pass = losses.grad_params(state.params, alphas, *train)
+  updates, opt_state = setup.tx.update(train_pass.grad, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+
   metrics = {
-      'train_loss': carry['train_loss'], 'train_top1_error': _top1_error(carry['train_logits'],
-                                                                         train[1]),
-      'search_val_loss': carry['val_loss'],
-      'search_val_top1_error': _top1_error(carry['val_logits'], val[1]),
-      'learning_rate': lr, 'grad_norm': optax.global_norm(carry['gw']),
-      'arch_grad_norm': optax.global_norm(carry['dalpha']),
-      'param_norm': optax.global_norm(params), 'alpha_norm': optax.global_norm(carry['alphas'])}
-  new_state = state.replace(step=state.step + 1, params=params, batch_stats=carry['batch_stats'],
-                            opt_state=opt_state, alphas=carry['alphas'],
-                            arch_opt_state=carry['arch_opt_state'])
+      'train_loss': train_pass.loss, 'train_top1_error': _top1_error(train_pass.logits, train[1]),
+      'search_val_loss': val_pass.loss, 'search_val_top1_error': _top1_error(val_pass.logits,
+                                                                             val[1]),
+      'learning_rate': lr, 'grad_norm': optax.global_norm(train_pass.grad),
+      'arch_grad_norm': optax.global_norm(dalpha),
+      'param_norm': optax.global_norm(params), 'alpha_norm': optax.global_norm(alphas)}
+  new_state = state.replace(step=state.step + 1, params=params,
+                            batch_stats=train_pass.batch_stats, opt_state=opt_state,
+                            alphas=alphas, arch_opt_state=arch_opt_state)
   return new_state, jax.tree.map(lambda m: m.astype(jnp.float32), metrics)
 
 
-def eval_step(state: SearchState, batch: dict, *, cfg: SearchConfig) -> dict:
+def eval_step(state: SearchState, batch: dict, *, setup: SearchSetup) -> dict:
   """Sums over a (padded, masked) batch in inference mode: loss, top-1 error, count."""
-  images = data_lib.normalize(batch['image'], cfg.mean, cfg.std).astype(jnp.dtype(cfg.dtype))
-  logits = cfg.model().apply({'params': state.params, 'batch_stats': state.batch_stats}, images,
-                             state.alphas, train=False)
+  images = setup.normalize(batch['image']).astype(setup.model.dtype)
+  logits = setup.model.apply({'params': state.params, 'batch_stats': state.batch_stats},
+                             images, state.alphas, train=False)
   mask = batch['mask']
   ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch['label'])
   wrong = (jnp.argmax(logits, -1) != batch['label']).astype(jnp.float32)
   return {'loss': jnp.sum(ce * mask), 'top1_error': jnp.sum(wrong * mask), 'count': jnp.sum(mask)}
 
 
-@functools.lru_cache(maxsize=16)
-def compile_search_steps(cfg: SearchConfig, mesh: Mesh) -> tuple[Callable, Callable]:
+def jit_search_steps(setup: SearchSetup, mesh: Mesh) -> tuple[Callable, Callable]:
   """``search_step(state, train_batch, val_batch)`` and ``eval_step(state, batch)`` jitted
-  over ``mesh``: state replicated, batches sharded on ``'data'``, the state donated.
-
-  Cached per ``(cfg, mesh)``, so repeated searches in one process compile once.
-  """
+  over ``mesh``: state replicated, batches sharded on ``'data'``, the state donated."""
   replicated = NamedSharding(mesh, P())
-  step = jax.jit(functools.partial(search_step, cfg=cfg), out_shardings=(replicated, replicated),
-                 donate_argnums=(0,))
-  evaluate = jax.jit(functools.partial(eval_step, cfg=cfg), out_shardings=replicated)
+  step = jax.jit(functools.partial(search_step, setup=setup),
+                 out_shardings=(replicated, replicated), donate_argnums=(0,))
+  evaluate = jax.jit(functools.partial(eval_step, setup=setup), out_shardings=replicated)
   return step, evaluate
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_steps(config: ml_collections.FrozenConfigDict, mesh: Mesh, mean: tuple[float, ...],
+                  std: tuple[float, ...], steps_per_epoch: int
+                  ) -> tuple[SearchSetup, Callable, Callable]:
+  setup = build_setup(config, mean=mean, std=std, steps_per_epoch=steps_per_epoch)
+  return (setup, *jit_search_steps(setup, mesh))
+
+
+def compile_search_steps(config: ml_collections.ConfigDict, mesh: Mesh,
+                         dataset: data_lib.Dataset) -> tuple[SearchSetup, Callable, Callable]:
+  """``(setup, step, evaluate)`` of :func:`build_setup` and :func:`jit_search_steps` for a
+  (validated) config on ``dataset``.
+
+  Cached per (frozen config, mesh, dataset statistics), so repeated searches of one
+  config in a process (a resumed one, tests) compile once.
+  """
+  return _cached_steps(ml_collections.FrozenConfigDict(config), mesh, tuple(dataset.mean),
+                       tuple(dataset.std), len(dataset.train_labels) // config.batch_size)
 
 
 # ---------------------------------------------------------------------------
@@ -509,50 +577,32 @@ def derive_genotype(alphas: Any) -> Genotype:
 # Config.
 
 
-def _fail(field: str, value: Any, allowed: str) -> None:
-  raise validation.ConfigError(f'config.{field}={value!r} is invalid: {allowed}')
-
-
-def _get(config: ml_collections.ConfigDict, field: str) -> Any:
-  for part in field.split('.'):
-    config = config[part]
-  return config
-
-
-def _check_int(config: ml_collections.ConfigDict, field: str, minimum: int) -> None:
-  value = _get(config, field)
-  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-    _fail(field, value, f'must be an integer >= {minimum}')
-
-
-def validate_search_config(config: ml_collections.ConfigDict) -> None:
+def validate(config: ml_collections.ConfigDict) -> None:
   """Raises :class:`~distill_jax.validation.ConfigError` (one line) for the first impossible
   value of a search config; runs before any compute."""
   validation.check_choice(config, 'data.name', sorted(data_lib.NUM_CLASSES))
-  order = config.order
-  if isinstance(order, bool) or order not in ORDERS:
-    _fail('order', order, 'allowed: 1, 2')
+  validation.check_int(config, 'order', 1)
+  validation.check_choice(config, 'order', ORDERS)
   validation.check_choice(config, 'hessian', HESSIANS)
-  _check_int(config, 'model.layers', 3)
-  _check_int(config, 'model.init_channels', 2)
-  _check_int(config, 'model.stem_multiplier', 1)
-  _check_int(config, 'model.num_classes', 2)
+  validation.check_int(config, 'model.layers', 3)
+  validation.check_int(config, 'model.init_channels', 2)
+  validation.check_int(config, 'model.stem_multiplier', 1)
+  validation.check_int(config, 'model.num_classes', 2)
   classes = data_lib.NUM_CLASSES[config.data.name]
   if config.model.num_classes != classes:
-    _fail('model.num_classes', config.model.num_classes,
-          f'dataset {config.data.name!r} has {classes} classes')
-  if config.model.impl not in ('', 'fast', 'lax'):
-    _fail('model.impl', config.model.impl, "allowed: '' (the darts_ops default), fast, lax")
+    validation.fail('model.num_classes', config.model.num_classes,
+                    f'dataset {config.data.name!r} has {classes} classes')
+  validation.check_choice(config, 'model.impl', IMPLS)
   fraction = config.data.validation_fraction
   if not (isinstance(fraction, (int, float)) and 0.0 < fraction < 1.0):
-    _fail('data.validation_fraction', fraction,
-          'must be in (0, 1): the search needs both halves (the paper uses 0.5)')
+    validation.fail('data.validation_fraction', fraction,
+                    'must be in (0, 1): the search needs both halves (the paper uses 0.5)')
   validation.check_choice(config, 'data.pad_mode', ('constant', 'reflect'))
   for field in ('num_epochs', 'batch_size', 'eval_batch_size', 'log_every_steps',
                 'keep_checkpoints'):
-    _check_int(config, field, 1)
+    validation.check_int(config, field, 1)
   for field in ('checkpoint_every_steps', 'num_devices', 'data.crop_padding', 'data.cutout'):
-    _check_int(config, field, 0)
+    validation.check_int(config, field, 0)
   for field in ('optimizer.learning_rate', 'arch.learning_rate', 'arch.fd_epsilon'):
     validation.check_positive(config, field)
   for field in ('optimizer.final_learning_rate', 'optimizer.momentum', 'optimizer.weight_decay',
@@ -560,51 +610,21 @@ def validate_search_config(config: ml_collections.ConfigDict) -> None:
     validation.check_non_negative(config, field)
   validation.check_choice(config, 'optimizer.schedule', ('constant', 'cosine'))
   if config.optimizer.final_learning_rate > config.optimizer.learning_rate:
-    _fail('optimizer.final_learning_rate', config.optimizer.final_learning_rate,
-          f'must be <= optimizer.learning_rate={config.optimizer.learning_rate}')
+    validation.fail('optimizer.final_learning_rate', config.optimizer.final_learning_rate,
+                    f'must be <= optimizer.learning_rate={config.optimizer.learning_rate}')
   for field in ('arch.b1', 'arch.b2'):
-    value = _get(config, field)
-    if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
-      _fail(field, value, 'must be in [0, 1)')
-  for field in ('arch.reuse_train_grad', 'plot_every_epoch'):
-    value = _get(config, field)
-    if not isinstance(value, bool):
-      _fail(field, value, 'must be True or False')
-
-
-def search_config(config: ml_collections.ConfigDict, dataset: data_lib.Dataset,
-                  steps_per_epoch: int) -> SearchConfig:
-  """The static step settings of a (validated) config."""
-  return SearchConfig(
-      mean=tuple(dataset.mean), std=tuple(dataset.std), num_classes=config.model.num_classes,
-      layers=config.model.layers, init_channels=config.model.init_channels,
-      stem_multiplier=config.model.stem_multiplier, impl=config.model.impl or None,
-      crop_padding=config.data.crop_padding, flip=config.data.flip, cutout=config.data.cutout,
-      pad_mode=config.data.pad_mode, order=config.order, hessian=config.hessian,
-      reuse_train_grad=config.arch.reuse_train_grad,
-      learning_rate=float(config.optimizer.learning_rate),
-      final_learning_rate=float(config.optimizer.final_learning_rate),
-      schedule=config.optimizer.schedule, momentum=float(config.optimizer.momentum),
-      weight_decay=float(config.optimizer.weight_decay),
-      grad_clip_norm=float(config.optimizer.grad_clip_norm),
-      arch_learning_rate=float(config.arch.learning_rate), arch_b1=float(config.arch.b1),
-      arch_b2=float(config.arch.b2), arch_weight_decay=float(config.arch.weight_decay),
-      fd_epsilon=float(config.arch.fd_epsilon), steps_per_epoch=steps_per_epoch,
-      num_epochs=config.num_epochs)
+    validation.check_range(config, field, 0, 1, closed='[)')
+  for field in ('arch.reuse_train_grad', 'arch.phase_scan', 'plot_every_epoch', 'data.flip'):
+    validation.check_bool(config, field)
 
 
 # ---------------------------------------------------------------------------
 # The search loop.
 
 
-def _write_json(path: str, obj: Any) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2, sort_keys=True, default=str)
-  os.replace(tmp, path)
-
-
 def _append_jsonl(path: str, obj: dict) -> None:
+  """One JSON line appended to ``path`` (``genotypes.jsonl``: not scalars, so not through
+  the metric writer)."""
   with open(path, 'a') as f:
     f.write(json.dumps(obj) + '\n')
 
@@ -615,35 +635,62 @@ def evaluate_val(data: data_lib.DeviceData, evaluate: Callable, state: SearchSta
   return data_lib.mean_over_split(data, 'val', batch_size, lambda batch: evaluate(state, batch))
 
 
-def _check_finite(pending: list[tuple[int, dict]], last_good: int) -> None:
-  if not pending:
-    return
-  values = jax.device_get([(m['train_loss'], m['param_norm'], m['alpha_norm'])
-                           for _, m in pending])
-  for (step, _), triple in zip(pending, values):
-    for name, value in zip(('loss', 'parameter norm', 'alpha norm'), triple):
-      if not math.isfinite(float(value)):
-        raise train_lib.NonFiniteLossError(
-            f'{name} is {float(value)} at step {step} (steps {pending[0][0]}-{pending[-1][0]} '
-            f'checked; last checkpointable state: step {last_good}); lower '
-            'optimizer.learning_rate or arch.learning_rate. No checkpoint of the diverged '
-            'state was written.')
-
-
-def _epoch_outputs(workdir: str, state: SearchState, step: int, epoch: float, plots: bool
-                   ) -> Genotype:
-  """Derives the genotype; writes genotype.json, genotypes.jsonl and (optionally) pictures."""
-  alphas = jax.device_get(state.alphas)
+def _write_genotype(workdir: str, alphas: Any, *, plots: bool = True) -> Genotype:
+  """Derives the genotype of ``alphas``; writes ``genotype.json`` and the pictures
+  (process 0)."""
+  alphas = jax.device_get(alphas)
   genotype = derive_genotype(alphas)
   if jax.process_index() == 0:
     genotypes_lib.save_genotype(os.path.join(workdir, GENOTYPE_FILE), genotype)
-    _append_jsonl(os.path.join(workdir, GENOTYPE_HISTORY_FILE),
-                  {'step': step, 'epoch': epoch,
-                   'genotype': genotypes_lib.genotype_to_json(genotype)})
     if plots:
       from distill_jax import search_plots  # pylint: disable=g-import-not-at-top
       search_plots.write_search_plots(workdir, alpha_weights(alphas), genotype)
   return genotype
+
+
+def _epoch_outputs(workdir: str, state: SearchState, step: int, epoch: float, plots: bool
+                   ) -> Genotype:
+  """The epoch's genotype: ``genotype.json``, a ``genotypes.jsonl`` line, pictures if asked."""
+  genotype = _write_genotype(workdir, state.alphas, plots=plots)
+  if jax.process_index() == 0:
+    _append_jsonl(os.path.join(workdir, GENOTYPE_HISTORY_FILE),
+                  {'step': step, 'epoch': epoch,
+                   'genotype': genotypes_lib.genotype_to_json(genotype)})
+  return genotype
+
+
+@dataclasses.dataclass
+class _Search:
+  """A search's data, compiled steps and fresh state on its mesh."""
+  dataset: data_lib.Dataset
+  data: data_lib.DeviceData
+  mesh: Mesh
+  setup: SearchSetup
+  step_fn: Callable
+  eval_fn: Callable
+  state: SearchState
+  num_params: int
+  steps_per_epoch: int
+
+
+def _prepare(config: ml_collections.ConfigDict) -> _Search:
+  """Loads the halves and builds the steps and the step-0 state of a validated config."""
+  mesh = data_lib.make_mesh(config.num_devices)
+  validation.check_batch_divides(config.batch_size, mesh.size)
+  validation.check_batch_divides(config.eval_batch_size, mesh.size, 'eval_batch_size')
+  dataset = data_lib.load_dataset(config.data.name, data_dir=config.data.data_dir or None,
+                                  validation_fraction=config.data.validation_fraction)
+  num_train, num_val = len(dataset.train_labels), len(dataset.val_labels)
+  if config.batch_size > min(num_train, num_val):
+    validation.fail('batch_size', config.batch_size,
+                    f'the halves have only {num_train} (weights) and {num_val} (alphas) examples')
+  setup, step_fn, eval_fn = compile_search_steps(config, mesh, dataset)
+  state = create_search_state(setup, config.seed, (1, *dataset.image_shape))
+  num_params = int(sum(np.size(x) for x in jax.tree.leaves(state.params)))
+  return _Search(dataset=dataset, data=data_lib.DeviceData.create(dataset, mesh), mesh=mesh,
+                 setup=setup, step_fn=step_fn, eval_fn=eval_fn,
+                 state=data_lib.replicate(state, mesh), num_params=num_params,
+                 steps_per_epoch=num_train // config.batch_size)
 
 
 def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -654,89 +701,59 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
   (batches and augmentation are functions of ``(seed, step)``).
   """
   start_time = time.time()
-  validate_search_config(config)
+  validate(config)
   workdir = os.path.abspath(os.path.expanduser(workdir))
-  mesh = data_lib.make_mesh(config.num_devices)
-  validation.check_batch_divides(config.batch_size, mesh.size)
-  validation.check_batch_divides(config.eval_batch_size, mesh.size, 'eval_batch_size')
-  dataset = data_lib.load_dataset(config.data.name, data_dir=config.data.data_dir or None,
-                                  validation_fraction=config.data.validation_fraction)
-  num_train, num_val = len(dataset.train_labels), len(dataset.val_labels)
-  if config.batch_size > min(num_train, num_val):
-    _fail('batch_size', config.batch_size,
-          f'the halves have only {num_train} (weights) and {num_val} (alphas) examples')
-  steps_per_epoch = num_train // config.batch_size
-  num_steps = steps_per_epoch * config.num_epochs
-  cfg = search_config(config, dataset, steps_per_epoch)
-
-  state = create_search_state(cfg, config.seed, (1, *dataset.image_shape))
-  num_params = int(sum(np.size(x) for x in jax.tree.leaves(state.params)))
-  state = data_lib.replicate(state, mesh)
-  data = data_lib.DeviceData.create(dataset, mesh)
-  step_fn, eval_fn = compile_search_steps(cfg, mesh)
+  s = _prepare(config)
+  num_train, num_val = len(s.dataset.train_labels), len(s.dataset.val_labels)
+  cadence = loop.Cadence(s.steps_per_epoch * config.num_epochs, config.log_every_steps,
+                         eval_every=s.steps_per_epoch, save_every=config.checkpoint_every_steps)
   os.makedirs(workdir, exist_ok=True)
 
   manager = ckpt_lib.make_manager(workdir, keep=config.keep_checkpoints)
-  state, restored_step = ckpt_lib.restore_latest(manager, state)
+  state, restored_step = ckpt_lib.restore_latest(manager, s.state)
   first_step = int(jax.device_get(state.step))
   if restored_step is not None:
     logging.info('Resumed the search from %s at step %d.', ckpt_lib.checkpoint_dir(workdir),
                  first_step)
-  is_main = jax.process_index() == 0
-  writer = metric_writers.create_default_writer(workdir, just_logging=not is_main,
-                                                asynchronous=False)
-  jsonl = train_lib.JsonlWriter(os.path.join(workdir, METRICS_FILE))
+  writer = loop.create_writer(workdir)
   logging.info('DARTS search (order %d%s): supernet %d cells, C=%d, %d parameters, on %s, '
-               '%d steps over %d devices.', cfg.order,
-               f', {cfg.hessian} hessian' if cfg.order == 2 else '', cfg.layers,
-               cfg.init_channels, num_params, config.data.name, num_steps, mesh.size)
+               '%d steps over %d devices.', config.order,
+               f', {config.hessian} hessian' if config.order == 2 else '', config.model.layers,
+               config.model.init_channels, s.num_params, config.data.name, cadence.num_steps,
+               s.mesh.size)
 
-  pending: list[tuple[int, dict]] = []
+  pending = loop.PendingMetrics(first_step, finite_keys=('train_loss', 'param_norm', 'alpha_norm'),
+                                hint='lower optimizer.learning_rate or arch.learning_rate')
   last_saved = first_step
   step_seconds = 0.0
   final = None
-  genotype = None
-  window = (time.time(), first_step)
   try:
-    for step in range(first_step + 1, num_steps + 1):
+    for step in range(first_step + 1, cadence.num_steps + 1):
       t0 = time.time()
       train_idx = data_lib.train_indices(config.seed, step - 1, num_examples=num_train,
                                          batch_size=config.batch_size)
       val_idx = data_lib.train_indices(config.seed + VAL_SEED_OFFSET, step - 1,
                                        num_examples=num_val, batch_size=config.batch_size)
-      state, metrics = step_fn(state, data.batch('train', train_idx), data.batch('val', val_idx))
-      # One step in flight: bounded memory, no collective rendezvous timeouts (TRAPS.md).
-      if pending:
-        jax.block_until_ready(pending[-1][1]['train_loss'])
-      pending.append((step, metrics))
+      state, metrics = s.step_fn(state, s.data.batch('train', train_idx),
+                                 s.data.batch('val', val_idx))
+      pending.add(step, metrics)
       step_seconds += time.time() - t0
 
-      is_last = step == num_steps
-      save_now = is_last or (config.checkpoint_every_steps
-                             and step % config.checkpoint_every_steps == 0)
-      log_now = step % config.log_every_steps == 0 or is_last
-      if log_now or save_now:
-        _check_finite(pending, last_saved)
-        if log_now:
-          values = train_lib.mean_metrics(pending)
-          values['epoch'] = step / steps_per_epoch
-          values['steps_per_sec'] = (step - window[1]) / max(time.time() - window[0], 1e-9)
-          window = (time.time(), step)
-          writer.write_scalars(step, values)
-          jsonl.write(step, values)
-          pending.clear()
-      if step % steps_per_epoch == 0 or is_last:
-        values = evaluate_val(data, eval_fn, state, config.eval_batch_size)
-        values['epoch'] = step / steps_per_epoch
-        genotype = _epoch_outputs(workdir, state, step, values['epoch'],
-                                  plots=config.plot_every_epoch)
+      epoch = step / s.steps_per_epoch
+      if cadence.log(step) or cadence.save(step):
+        pending.check_finite(last_saved)
+      if cadence.log(step):
+        writer.write_scalars(step, {**pending.summary(step), 'epoch': epoch})
+      if cadence.eval(step):  # every epoch
+        values = {**evaluate_val(s.data, s.eval_fn, state, config.eval_batch_size),
+                  'epoch': epoch}
+        genotype = _epoch_outputs(workdir, state, step, epoch, plots=config.plot_every_epoch)
         writer.write_scalars(step, values)
-        jsonl.write(step, values)
-        logging.info('Step %d (epoch %.2f): val top-1 error %.4f; genotype %s', step,
-                     values['epoch'], values['val_top1_error'], genotype)
-        if is_last:
+        logging.info('Step %d (epoch %.2f): val top-1 error %.4f; genotype %s', step, epoch,
+                     values['val_top1_error'], genotype)
+        if cadence.is_last(step):
           final = values
-      if save_now:
+      if cadence.save(step):
         manager.save(step, args=ckpt_lib.ocp.args.StandardSave(state))
         last_saved = step
   finally:  # a failed search still completes the (finite) saves it began
@@ -744,25 +761,73 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
   writer.flush()
 
   if final is None:  # nothing left to search: the workdir already held the last step
-    final = evaluate_val(data, eval_fn, state, config.eval_batch_size)
-  genotype = derive_genotype(state.alphas)
-  weights = alpha_weights(state.alphas)
-  if is_main:
-    genotypes_lib.save_genotype(os.path.join(workdir, GENOTYPE_FILE), genotype)
-    from distill_jax import search_plots  # pylint: disable=g-import-not-at-top
-    search_plots.write_search_plots(workdir, weights, genotype)
-  results = {
+    final = evaluate_val(s.data, s.eval_fn, state, config.eval_batch_size)
+  genotype = _write_genotype(workdir, state.alphas)
+  results = loop.write_results(workdir, {
       'genotype': genotypes_lib.genotype_to_json(genotype),
       'val_top1_error': final['val_top1_error'], 'val_loss': final['val_loss'],
-      'order': cfg.order, 'hessian': cfg.hessian if cfg.order == 2 else None,
-      'reuse_train_grad': cfg.reuse_train_grad if cfg.order == 2 else None,
-      'alphas_softmax': {k: v.round(6).tolist() for k, v in weights.items()},
-      'num_params': num_params, 'steps': num_steps, 'epochs': config.num_epochs,
+      'order': config.order, 'hessian': config.hessian if config.order == 2 else None,
+      'reuse_train_grad': config.arch.reuse_train_grad if config.order == 2 else None,
+      'alphas_softmax': {k: v.round(6).tolist() for k, v in alpha_weights(state.alphas).items()},
+      'num_params': s.num_params, 'steps': cadence.num_steps, 'epochs': config.num_epochs,
       'resumed_from_step': restored_step, 'wall_time_s': time.time() - start_time,
-      'search_step_seconds': step_seconds, 'num_devices': mesh.size,
-      'num_processes': jax.process_count(), 'versions': train_lib.versions(),
-      'config': config.to_dict()}
-  if is_main:
-    _write_json(os.path.join(workdir, RESULTS_FILE), results)
+      'search_step_seconds': step_seconds, 'num_devices': s.mesh.size,
+      'config': config.to_dict()})
   manager.close()
   return results
+
+
+# ---------------------------------------------------------------------------
+# The job interface.
+
+
+def _no_checkpoint(workdir: str, mode: str) -> FileNotFoundError:
+  return FileNotFoundError(f'no search checkpoint in {ckpt_lib.checkpoint_dir(workdir)} to '
+                           f'{mode}; run the search first (--mode=train)')
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Scores the latest checkpoint's supernet (inference mode) on the validation half;
+  returns ``{'step', 'val_loss', 'val_top1_error', 'genotype'}`` and prints the genotype."""
+  if ckpt_lib.latest_step(workdir) is None:
+    raise _no_checkpoint(workdir, 'evaluate')
+  s = _prepare(config)
+  manager = ckpt_lib.make_manager(workdir, keep=config.keep_checkpoints)
+  state, step = ckpt_lib.restore_latest(manager, s.state)
+  manager.close()
+  genotype = derive_genotype(state.alphas)
+  results = {'step': step, **evaluate_val(s.data, s.eval_fn, state, config.eval_batch_size),
+             'genotype': genotypes_lib.genotype_to_json(genotype)}
+  logging.info('Step %d: val top-1 error %.4f; genotype %s', step, results['val_top1_error'],
+               genotype)
+  if jax.process_index() == 0:
+    print(json.dumps(results['genotype']))
+  return results
+
+
+def report(workdir: str) -> dict[str, Any]:
+  """Rewrites ``genotype.json`` and the pictures from the latest checkpoint's alphas;
+  returns ``{'step', 'genotype'}``."""
+  step = ckpt_lib.latest_step(workdir)
+  if step is None:
+    raise _no_checkpoint(workdir, 'report')
+  alphas = ckpt_lib.restore_local(ckpt_lib.item_path(workdir, step))['alphas']
+  genotype = _write_genotype(os.path.abspath(os.path.expanduser(workdir)), alphas)
+  return {'step': step, 'genotype': genotypes_lib.genotype_to_json(genotype)}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str,
+        options: JobOptions = JobOptions()) -> dict[str, Any]:
+  """The search job: ``options.mode`` 'train' searches (resuming, :func:`run_search`),
+  'evaluate' scores the latest checkpoint (:func:`evaluate`), 'report' rewrites its
+  genotype and pictures (:func:`report`)."""
+  validate(config)
+  if options.num_shards > 1:
+    raise validation.ConfigError(
+        f'--shard={options.shard}/{options.num_shards} is invalid for '
+        f'config.job={config.get("job", "darts_search")!r}: a search is one run')
+  if options.mode == 'train':
+    return run_search(config, workdir)
+  if options.mode == 'evaluate':
+    return evaluate(config, workdir)
+  return report(workdir)

@@ -1,15 +1,19 @@
 """DARTS search: supernet steps, genotype derivation, second-order gradients, resume, config.
 
-References: Liu, Simonyan & Yang, "DARTS: Differentiable Architecture Search" (ICLR 2019),
-sections 2.3-2.4, and the release's search recipe in FACTS.md. Tiny supernets only
-(CPU compile time dominates, TRAPS.md): 3 cells with C=4 through ``run_search``; a single
-normal cell (``layers=1, reductions=()``) where only the step's arithmetic matters.
+References: Liu, Simonyan & Yang, "DARTS: Differentiable Architecture Search" (ICLR 2019,
+arXiv:1806.09055), sections 2.3-2.4, and the authors' release (quark0/darts,
+``cnn/architect.py``, ``cnn/train_search.py``). Tiny supernets only (on CPU the compile
+time dominates): 3 cells with C=4 through ``run_search``; a single normal cell
+(``layers=1, reductions=()``) where only the step's arithmetic matters.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +29,8 @@ from distill_jax import genotypes as G
 from distill_jax import models
 from distill_jax import search
 from distill_jax import validation
-from distill_jax.models.supernet import EDGES, edge_index
+from distill_jax.models.supernet import EDGES, SuperNetwork, edge_index
+from distill_jax.options import JobOptions
 
 
 @pytest.fixture(scope='module', autouse=True)
@@ -124,15 +129,15 @@ def test_resumed_search_equals_uninterrupted(searched, tmp_path, monkeypatch):
   workdir = str(tmp_path / 'resumed')
   real = search.compile_search_steps
 
-  def stops_after_step_25(cfg, mesh):
-    step, evaluate = real(cfg, mesh)
+  def stops_after_step_25(*args):
+    setup, step, evaluate = real(*args)
 
     def guarded(state, train_batch, val_batch):
       if int(jax.device_get(state.step)) == 25:
         raise Interrupted()
       return step(state, train_batch, val_batch)
 
-    return guarded, evaluate
+    return setup, guarded, evaluate
 
   monkeypatch.setattr(search, 'compile_search_steps', stops_after_step_25)
   with pytest.raises(Interrupted):
@@ -147,6 +152,53 @@ def test_resumed_search_equals_uninterrupted(searched, tmp_path, monkeypatch):
   jax.tree.map(np.testing.assert_array_equal, a, b)  # weights, alphas, both optimisers, rng
   assert resumed['genotype'] == results['genotype']
   assert resumed['val_top1_error'] == results['val_top1_error']
+
+
+# ---------------------------------------------------------------------------- job modes
+
+
+def test_evaluate_mode_scores_the_latest_checkpoint(searched, capsys):
+  config, workdir, results = searched
+  evaluated = search.run(config, workdir, JobOptions(mode='evaluate'))
+  assert evaluated['step'] == 44
+  assert evaluated['genotype'] == results['genotype']
+  assert evaluated['val_top1_error'] == results['val_top1_error']
+  assert evaluated['val_loss'] == results['val_loss']
+  assert json.dumps(results['genotype']) in capsys.readouterr().out
+
+
+def test_report_mode_rewrites_the_genotype_and_pictures(searched, tmp_path):
+  config, workdir, results = searched
+  copy = str(tmp_path / 'copy')
+  shutil.copytree(workdir, copy)
+  pictures = ('alphas.png', 'normal_cell.png', 'reduce_cell.png')
+  for name in ('genotype.json', *pictures):
+    os.remove(os.path.join(copy, name))
+  before = sorted(os.listdir(copy))
+  reported = search.run(config, copy, JobOptions(mode='report'))
+  assert reported == {'step': 44, 'genotype': results['genotype']}
+  assert G.genotype_to_json(G.load_genotype(os.path.join(copy, 'genotype.json'))) == (
+      results['genotype'])
+  for name in pictures:
+    with open(os.path.join(copy, name), 'rb') as f:
+      assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+  assert sorted(os.listdir(copy)) == sorted(before + ['genotype.json', *pictures])
+
+
+@pytest.mark.parametrize('mode', ['evaluate', 'report'])
+def test_evaluate_and_report_need_a_checkpoint(mode, tmp_path):
+  with pytest.raises(FileNotFoundError, match='no search checkpoint in .* run the search first'
+                     ) as e:
+    search.run(tiny_search_config(), str(tmp_path), JobOptions(mode=mode))
+  assert '\n' not in str(e.value)
+  assert not os.listdir(tmp_path)
+
+
+def test_a_search_is_one_run(tmp_path):
+  with pytest.raises(validation.ConfigError,
+                     match=r'^--shard=1/2 is invalid for .*: a search is one run$'):
+    search.run(tiny_search_config(), str(tmp_path / 'w'), JobOptions(shard=1, num_shards=2))
+  assert not os.path.exists(tmp_path / 'w')
 
 
 # ---------------------------------------------------------------------------- genotype
@@ -196,11 +248,17 @@ def test_derivation_keeps_two_strongest_non_none_edges_per_node():
 # ---------------------------------------------------------------------------- gradients
 
 
-def single_cell(**kw) -> search.SearchConfig:
-  """A supernet of one normal cell: the search arithmetic at the least compile time."""
-  base = dict(mean=(0.3,), std=(0.3,), layers=1, reductions=(), init_channels=4, impl='lax',
-              crop_padding=0, flip=False)
-  return search.SearchConfig(**{**base, **kw})
+def single_cell(*, dtype: str = 'float32', init_channels: int = 4, **fields
+                ) -> search.SearchSetup:
+  """The step pieces of the tiny config with ``fields`` (dotted names) set, on a supernet
+  of one normal cell: the search arithmetic at the least compile time."""
+  config = tiny_search_config(**{'model.init_channels': init_channels, 'data.crop_padding': 0,
+                                 'data.flip': False, **fields})
+  search.validate(config)
+  setup = search.build_setup(config, mean=(0.3,), std=(0.3,), steps_per_epoch=1)
+  model = SuperNetwork(layers=1, reductions=(), init_channels=init_channels, impl='lax',
+                       dtype=jnp.dtype(dtype))
+  return dataclasses.replace(setup, model=model)
 
 
 def test_exact_second_order_gradient_agrees_with_finite_differences():
@@ -209,24 +267,24 @@ def test_exact_second_order_gradient_agrees_with_finite_differences():
   try:
     with jax.enable_x64(True):
       base = dict(init_channels=2, dtype='float64', order=2)
-      cfg = single_cell(hessian='exact', **base)
-      state = search.create_search_state(cfg, 0, (1, 8, 8, 1))
+      setup = single_cell(hessian='exact', **base)
+      state = search.create_search_state(setup, 0, (1, 8, 8, 1))
       rng = np.random.default_rng(0)
       params = jax.tree.map(jnp.asarray, state.params)
       # A non-zero momentum buffer (one SGD update with random gradients), peaked alphas.
       noise = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape)), params)
-      _, opt_state = search.weight_optimizer(cfg).update(noise, state.opt_state, params)
+      _, opt_state = setup.tx.update(noise, state.opt_state, params)
       alphas = jax.tree.map(lambda a: jnp.asarray(a) * 300.0, state.alphas)
       train = (jnp.asarray(rng.normal(size=(8, 8, 8, 1))), jnp.asarray(rng.integers(0, 10, 8)))
       val = (jnp.asarray(rng.normal(size=(8, 8, 8, 1))), jnp.asarray(rng.integers(0, 10, 8)))
       # eps * ||v|| = 1e-7: small enough that no ReLU changes sign between w- and w+ (the
       # training gradient is only piecewise smooth in w), large enough for float64.
-      fd_cfg = single_cell(hessian='finite_difference', fd_epsilon=1e-7, **base)
+      fd_setup = single_cell(hessian='finite_difference', **{'arch.fd_epsilon': 1e-7}, **base)
 
       @jax.jit
       def gradients(params, batch_stats, opt_state, alphas, xi):
         return {k: search.arch_gradient(c, params, batch_stats, opt_state, alphas, train, val, xi)
-                for k, c in (('exact', cfg), ('fd', fd_cfg))}
+                for k, c in (('exact', setup), ('fd', fd_setup))}
 
       args = (params, state.batch_stats, opt_state, alphas)
       g = gradients(*args, jnp.asarray(0.5))
@@ -257,21 +315,22 @@ def fixed_batch():
 @pytest.fixture(scope='module')
 def single_cell_loss(fixed_batch):
   """``L(w, alpha)`` (train-mode BN) of the single-cell supernet on the fixed batch."""
-  cfg = single_cell()
-  images = data_lib.normalize(fixed_batch['image'], cfg.mean, cfg.std)
-  return jax.jit(lambda s, alphas: search.Losses(cfg.model(), s.batch_stats).loss(
+  setup = single_cell()
+  images = setup.normalize(fixed_batch['image'])
+  return jax.jit(lambda s, alphas: search.Losses(setup.model, s.batch_stats).loss(
       s.params, alphas, images, fixed_batch['label'])[0])
 
 
 @pytest.mark.parametrize('order, hessian', [(1, 'exact'), (2, 'exact'), (2, 'finite_difference')])
 def test_search_steps_reduce_the_validation_loss(fixed_batch, single_cell_loss, order, hessian):
-  cfg = single_cell(order=order, hessian=hessian, learning_rate=0.1, schedule='constant',
-                    arch_learning_rate=0.03)
+  setup = single_cell(order=order, hessian=hessian, **{
+      'optimizer.learning_rate': 0.1, 'optimizer.schedule': 'constant',
+      'arch.learning_rate': 0.03})
   mesh = data_lib.make_mesh(1)
-  state = data_lib.replicate(search.create_search_state(cfg, 0, (1, 8, 8, 1)), mesh)
+  state = data_lib.replicate(search.create_search_state(setup, 0, (1, 8, 8, 1)), mesh)
   alphas0 = jax.device_get(state.alphas)
   before = float(single_cell_loss(state, state.alphas))
-  step, _ = search.compile_search_steps(cfg, mesh)
+  step, _ = search.jit_search_steps(setup, mesh)
   for _ in range(10):  # the training batch is the validation batch
     state, metrics = step(state, fixed_batch, fixed_batch)
     assert np.isfinite(float(metrics['train_loss']))
@@ -279,6 +338,32 @@ def test_search_steps_reduce_the_validation_loss(fixed_batch, single_cell_loss, 
   assert after < 0.75 * before, (before, after)
   # The architecture steps help too: the final weights prefer the final alphas.
   assert after < float(single_cell_loss(state, alphas0)) - 0.05
+
+
+@pytest.mark.parametrize('order, hessian, reuse', [
+    (1, 'exact', True), (2, 'finite_difference', True), (2, 'finite_difference', False)])
+def test_phase_scan_equals_the_straight_line_step(fixed_batch, order, hessian, reuse):
+  before = jax.config.read('jax_disable_most_optimizations')
+  jax.config.update('jax_disable_most_optimizations', True)  # two steps: compile time matters
+  try:
+    mesh = data_lib.make_mesh(1)
+    val_batch = jax.tree.map(lambda x: x[::-1], fixed_batch)
+    finals = {}
+    for scan in (False, True):
+      setup = single_cell(order=order, hessian=hessian, **{
+          'arch.reuse_train_grad': reuse, 'arch.phase_scan': scan, 'arch.learning_rate': 0.03})
+      state = data_lib.replicate(search.create_search_state(setup, 0, (1, 8, 8, 1)), mesh)
+      step, _ = search.jit_search_steps(setup, mesh)
+      for _ in range(2):  # the second step has a momentum buffer
+        state, metrics = step(state, fixed_batch, val_batch)
+      finals[scan] = jax.device_get((state, metrics))
+  finally:
+    jax.config.update('jax_disable_most_optimizations', before)
+  (straight, m_straight), (scanned, m_scanned) = finals[False], finals[True]
+  assert np.abs(straight.alphas['normal'] - search.initial_alphas(0)['normal']).max() > 1e-2
+  close = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6)
+  jax.tree.map(close, scanned, straight)  # weights, alphas, both optimisers, BN statistics
+  jax.tree.map(close, m_scanned, m_straight)
 
 
 # ---------------------------------------------------------------------------- config
@@ -296,7 +381,8 @@ def test_search_steps_reduce_the_validation_loss(fixed_batch, single_cell_loss, 
     ('model.layers', 2, 'config.model.layers=2 is invalid: must be an integer >= 3'),
     ('model.init_channels', 1, 'must be an integer >= 2'),
     ('model.num_classes', 100, "dataset 'digits' has 10 classes"),
-    ('model.impl', 'cuda', "allowed: '' (the darts_ops default), fast, lax"),
+    ('model.impl', 'cuda', "config.model.impl='cuda' is invalid: allowed: auto, fast, lax"),
+    ('model.impl', '', "config.model.impl='' is invalid: allowed: auto, fast, lax"),
     ('data.validation_fraction', 0.0, 'must be in (0, 1)'),
     ('data.name', 'mnist', 'allowed: cifar10, cifar100, digits'),
     ('optimizer.schedule', 'multistep', 'allowed: constant, cosine'),
@@ -326,9 +412,10 @@ def test_configs_file_defaults_and_variants():
   assert (full.optimizer.learning_rate, full.optimizer.final_learning_rate) == (0.025, 0.001)
   assert (full.arch.learning_rate, full.arch.b1, full.arch.b2, full.arch.weight_decay) == (
       3e-4, 0.5, 0.999, 1e-3)
-  search.validate_search_config(full)
+  assert full.model.impl == 'auto'
+  search.validate(full)
   demo = load_config('darts_search', 'demo')
-  assert demo.order == 1 and demo.data.name == 'digits'
-  search.validate_search_config(demo)
+  assert demo.order == 1 and demo.data.name == 'digits' and demo.model.impl == 'lax'
+  search.validate(demo)
   assert load_config('darts_search', 'demo,second_order').order == 2
   assert load_config('darts_search', 'first_order').order == 1
