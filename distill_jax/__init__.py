@@ -15,9 +15,9 @@ from distill_jax.losses import (at_loss, attention_map, cross_entropy, distillat
 
 __version__ = '0.1.0'
 
-_SUBMODULES = ('checkpoint', 'config_lib', 'data', 'figures', 'fisher', 'genotypes', 'grow',
-               'jobs', 'losses', 'models', 'optim', 'pipeline', 'search', 'steps', 'sweeps',
-               'teacher', 'train', 'validation')
+_SUBMODULES = ('checkpoint', 'config_lib', 'darts_fisher', 'data', 'figures', 'fisher',
+               'genotypes', 'grid', 'grow', 'jobs', 'loop', 'losses', 'models', 'optim', 'options',
+               'runs', 'search', 'steps', 'teacher', 'train', 'validation')
 
 
 def __getattr__(name):

@@ -77,6 +77,8 @@ def run_config(run: ml_collections.ConfigDict, *, model: dict, seed: int,
   c = copy.deepcopy(run)
   with c.unlocked():
     c.seed = seed
+    if 'model' in c:  # replaced whole (not merged), whatever the type of the old one
+      del c['model']
     c.model = ml_collections.ConfigDict(dict(model))
     if drop_path_prob is not None:
       c.drop_path_prob = drop_path_prob
