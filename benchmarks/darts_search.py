@@ -1,7 +1,7 @@
 r"""Benchmark of the DARTS search step: first order, exact and finite-difference second order.
 
 Measures, on random 8x8 (or ``--image``) batches and one device, the steady-state time
-of one compiled :func:`distill_jax.search.search_step` for ``order=1``,
+of one compiled :func:`distill_jax.trainers.search_step.search_step` for ``order=1``,
 ``order=2, hessian='exact'`` and ``order=2, hessian='finite_difference'``, and of a plain
 supernet forward + backward pass (the gradient in weights and alphas of the training
 loss: the unit of work the search steps are made of; first order costs two of them).
@@ -40,7 +40,9 @@ import numpy as np
 
 from distill_jax import config_lib
 from distill_jax import data as data_lib
-from distill_jax import search
+from distill_jax.trainers import search
+from distill_jax.models import darts_ops
+from distill_jax.trainers import search_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,7 +53,7 @@ def _batch(rng: np.random.Generator, batch: int, image: int, channels: int, clas
           'mask': jnp.ones((batch,), jnp.float32)}
 
 
-def search_setup(args: argparse.Namespace, **fields) -> search.SearchSetup:
+def search_setup(args: argparse.Namespace, **fields) -> search_step.SearchSetup:
   """The step pieces of ``configs/darts_search.py`` (the full search's recipe) with the
   benchmark's network and ``fields`` (dotted names) set."""
   config = load_search_config()
@@ -61,7 +63,7 @@ def search_setup(args: argparse.Namespace, **fields) -> search.SearchSetup:
   config = config_lib.set_fields(config, values)
   search.validate(config)
   channels = args.image_channels
-  return search.build_setup(config, mean=(0.5,) * channels, std=(0.25,) * channels,
+  return search_step.build_setup(config, mean=(0.5,) * channels, std=(0.25,) * channels,
                             steps_per_epoch=1)
 
 
@@ -75,12 +77,12 @@ def load_search_config():
   return config
 
 
-def prepare_search_step(setup: search.SearchSetup, batches: tuple) -> tuple[float, Callable]:
+def prepare_search_step(setup: search_step.SearchSetup, batches: tuple) -> tuple[float, Callable]:
   """(compile seconds, a zero-argument callable running one step and waiting for it)."""
   mesh = data_lib.make_mesh(1)
-  holder = {'state': data_lib.replicate(search.create_search_state(setup, 0, (1, *batches[2])),
+  holder = {'state': data_lib.replicate(search_step.create_search_state(setup, 0, (1, *batches[2])),
                                         mesh)}
-  step, _ = search.jit_search_steps(setup, mesh)
+  step, _ = search_step.jit_search_steps(setup, mesh)
   t = time.perf_counter()
   compiled = step.lower(holder['state'], batches[0], batches[1]).compile()
   compile_s = time.perf_counter() - t
@@ -93,10 +95,10 @@ def prepare_search_step(setup: search.SearchSetup, batches: tuple) -> tuple[floa
   return compile_s, run
 
 
-def prepare_forward_backward(setup: search.SearchSetup, batches: tuple) -> tuple[float, Callable]:
+def prepare_forward_backward(setup: search_step.SearchSetup, batches: tuple) -> tuple[float, Callable]:
   """The gradient of the training loss in weights and alphas (train-mode BN)."""
-  state = search.create_search_state(setup, 0, (1, *batches[2]))
-  losses = search.Losses(setup.model, jax.tree.map(jnp.asarray, state.batch_stats))
+  state = search_step.create_search_state(setup, 0, (1, *batches[2]))
+  losses = search_step.Losses(setup.model, jax.tree.map(jnp.asarray, state.batch_stats))
   images = setup.normalize(batches[0]['image'])
   fn = jax.jit(lambda p, a, x, y: (lambda out: (out.loss, out.grad))(losses.grads(p, a, x, y)))
   args = (jax.tree.map(jnp.asarray, state.params), jax.tree.map(jnp.asarray, state.alphas),
@@ -119,7 +121,7 @@ def main() -> None:
   parser.add_argument('--batch', type=int, default=32, help='batch size (train and val)')
   parser.add_argument('--image', type=int, default=8, help='image height = width')
   parser.add_argument('--image-channels', type=int, default=1)
-  parser.add_argument('--impl', default='lax', choices=search.IMPLS,
+  parser.add_argument('--impl', default='lax', choices=darts_ops.IMPLS,
                       help='darts_ops implementation')
   parser.add_argument('--repeats', type=int, default=7)
   parser.add_argument('--no-reuse', action='store_true',

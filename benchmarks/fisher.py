@@ -17,7 +17,6 @@ import time
 from absl import app
 from absl import flags
 import jax
-import jax.numpy as jnp
 
 from distill_jax import fisher as fisher_lib
 from distill_jax import losses

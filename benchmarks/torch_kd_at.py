@@ -1,6 +1,6 @@
 r"""The KD + AT train step written in plain PyTorch, for the comparison in ``versus_torch.py``.
 
-The same computation as ``distill_jax.steps.train_step`` with ``method='kd_at'``:
+The same computation as ``distill_jax.trainers.steps.train_step`` with ``method='kd_at'``:
 random crop (zero padding 4) and horizontal flip of a uint8 batch, normalisation,
 a frozen WRN-40-2 teacher in inference mode, a WRN-16-2 student in training mode,
 

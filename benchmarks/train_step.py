@@ -10,7 +10,7 @@ about 2x the parameters); ``wrn40`` (WRN-40-2 alone, whose step time gives
 one compilation, without evaluation). CIFAR-sized inputs (32x32x3), steady state after compilation
 (median over ``--repeats`` steps, each waited for), compile time separately, peak device
 memory where the backend reports it. The step is the trainer's own
-(``distill_jax.steps.train_step``: augmentation, forward, loss, backward, SGD update).
+(``distill_jax.trainers.steps.train_step``: augmentation, forward, loss, backward, SGD update).
 """
 
 import json
@@ -21,13 +21,12 @@ from absl import app
 from absl import flags
 import jax
 import ml_collections
-import jax.numpy as jnp
 import numpy as np
 import optax
 
 from distill_jax import data as data_lib
 from distill_jax import models
-from distill_jax import steps as steps_lib
+from distill_jax.trainers import steps as steps_lib
 
 flags.DEFINE_list('pairs', ['wrn', 'darts', 'wrn40'], 'Student/teacher pairs to time.')
 flags.DEFINE_integer('batch', 128, 'Global batch size.')

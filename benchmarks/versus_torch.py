@@ -12,7 +12,7 @@ coordinator asks them in turn for ``--steps`` steps, ``--rounds`` times, so a ch
 machine load hits all variants alike. Reported: median seconds per step, images/s, first
 step (compile) seconds, and every variant's images/s over the best PyTorch variant's.
 
-JAX variants (``distill_jax.steps.train_step``, the trainer's own step):
+JAX variants (``distill_jax.trainers.steps.train_step``, the trainer's own step):
   jax            XLA's default CPU setup: one device
   jax_cores      one XLA CPU device per core (``JAX_NUM_CPU_DEVICES``, the trainer's
                  ``--cpu_devices``), the batch sharded over them; README "Benchmarks" says why

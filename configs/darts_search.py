@@ -36,7 +36,7 @@ Variants (comma-separated after the colon):
 
 Any field can be overridden, e.g. ``--config.model.layers=5 --config.order=1``.
 Short CPU runs with ``--config.hessian=finite_difference`` compile ~40 s faster with
-``--config.arch.phase_scan=True`` (same result; see ``distill_jax/search.py``).
+``--config.arch.phase_scan=True`` (same result; see ``distill_jax/trainers/search.py``).
 """
 
 import ml_collections
@@ -45,7 +45,7 @@ from distill_jax import config_lib
 
 
 def search_config() -> ml_collections.ConfigDict:
-  """Every field ``distill_jax.search.run_search`` reads, with the paper's search recipe."""
+  """Every field ``distill_jax.trainers.search.run_search`` reads, with the paper's search recipe."""
   c = ml_collections.ConfigDict()
   c.job = 'darts_search'
   c.seed = 0

@@ -15,9 +15,9 @@ from distill_jax.losses import (at_loss, attention_map, cross_entropy, distillat
 
 __version__ = '0.1.0'
 
-_SUBMODULES = ('checkpoint', 'config_lib', 'darts_fisher', 'data', 'figures', 'fisher',
-               'genotypes', 'grid', 'grow', 'jobs', 'loop', 'losses', 'models', 'optim', 'options',
-               'runs', 'search', 'steps', 'teacher', 'train', 'validation')
+# The library (data, models, losses, fisher, grow), the trainers and the experiments.
+_SUBMODULES = ('config_lib', 'data', 'experiments', 'fisher', 'genotypes', 'grow', 'jobs',
+               'losses', 'models', 'options', 'trainers', 'validation')
 
 
 def __getattr__(name):

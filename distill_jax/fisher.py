@@ -29,7 +29,7 @@ which cells of a student to grow into a teacher (:mod:`distill_jax.grow`).
 from __future__ import annotations
 
 import functools
-from typing import Any, Iterable
+from typing import Iterable
 
 import flax.linen as nn
 import jax

@@ -1,7 +1,7 @@
 """How a job runs, beside what it computes (the config): mode and shard.
 
-Every job module (:mod:`distill_jax.train`, :mod:`distill_jax.search`,
-:mod:`distill_jax.grid`, :mod:`distill_jax.darts_fisher`) has ``validate(config)`` and
+Every job module (:mod:`distill_jax.trainers.train`, :mod:`distill_jax.trainers.search`,
+:mod:`distill_jax.experiments.grid`, :mod:`distill_jax.experiments.darts_fisher`) has ``validate(config)`` and
 ``run(config, workdir, options)``; ``python -m distill_jax.main`` builds the options from
 ``--mode`` and ``--shard``.
 """

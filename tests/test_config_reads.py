@@ -12,10 +12,11 @@ import pytest
 
 from conftest import load_config
 from distill_jax import config_lib
-from distill_jax import darts_fisher
-from distill_jax import grid
+from distill_jax.experiments import darts_fisher
+from distill_jax.experiments import grid
 from distill_jax import jobs
-from distill_jax import train
+from distill_jax.trainers import search
+from distill_jax.trainers import train
 from distill_jax import validation
 
 # Fields read only for some values of another field; the test names which.
@@ -36,7 +37,8 @@ def _unrecorded(fn):
 @pytest.fixture
 def unrecorded_validation(monkeypatch):
   for module, name in [(validation, 'validate_train_config'), (validation, 'validate_distill_config'),
-                       (train, 'validate'), (grid, 'validate'), (darts_fisher, 'validate')]:
+                       (train, 'validate'), (search, 'validate'), (grid, 'validate'),
+                       (darts_fisher, 'validate')]:
     monkeypatch.setattr(module, name, _unrecorded(getattr(module, name)))
 
 
@@ -107,3 +109,18 @@ def test_darts_fisher_reads_every_field(tmp_path, unrecorded_validation):
   c.fisher.batch_size = 32
   c.figure.num_images = 2
   assert unread(c, lambda c: jobs.run(c, str(tmp_path)), prefixes=('run.',)) == []
+
+
+@pytest.mark.e2e
+def test_darts_search_reads_every_field(tmp_path, unrecorded_validation):
+  c = load_config('darts_search', 'demo')
+  c.model.layers = 3
+  c.num_epochs = 1
+  c.batch_size = 32
+  c.eval_batch_size = 120
+  c.log_every_steps = 11
+  c.checkpoint_every_steps = 11
+  c.num_devices = 1
+  c.order = 2                        # reads hessian and the virtual step's settings
+  c.hessian = 'finite_difference'    # reads arch.fd_epsilon
+  assert unread(c, lambda c: jobs.run(c, str(tmp_path))) == []

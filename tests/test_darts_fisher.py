@@ -10,7 +10,7 @@ import time
 import pytest
 
 from conftest import CACHE_DIR, REPO, load_config
-from distill_jax import checkpoint as ckpt_lib
+from distill_jax.trainers import checkpoint as ckpt_lib
 from distill_jax import jobs
 from distill_jax import validation
 from distill_jax.config_lib import set_fields

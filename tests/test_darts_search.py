@@ -22,12 +22,13 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import load_config
-from distill_jax import checkpoint as ckpt_lib
+from distill_jax.trainers import checkpoint as ckpt_lib
 from distill_jax import config_lib
 from distill_jax import data as data_lib
 from distill_jax import genotypes as G
 from distill_jax import models
-from distill_jax import search
+from distill_jax.trainers import search
+from distill_jax.trainers import search_step
 from distill_jax import validation
 from distill_jax.models.supernet import EDGES, SuperNetwork, edge_index
 from distill_jax.options import JobOptions
@@ -81,14 +82,14 @@ def test_search_changes_alphas_and_writes_a_buildable_genotype(searched):
   config, workdir, results = searched
   final = restore(workdir)
   assert int(final['step']) == 44
-  start = search.initial_alphas(config.seed)
+  start = search_step.initial_alphas(config.seed)
   for kind in ('normal', 'reduce'):
     assert final['alphas'][kind].shape == (14, 8)
     assert np.abs(final['alphas'][kind] - start[kind]).max() > 1e-3
   assert final['arch_opt_state']  # Adam's state is checkpointed with the alphas
 
   loaded = G.load_genotype(os.path.join(workdir, 'genotype.json'))
-  assert loaded == search.derive_genotype(final['alphas'])
+  assert loaded == search_step.derive_genotype(final['alphas'])
   assert G.genotype_to_json(loaded) == results['genotype']
   for cell in (loaded.normal, loaded.reduce):
     assert len(cell) == 8 and all(op != 'none' for op, _ in cell)
@@ -127,7 +128,7 @@ class Interrupted(Exception):
 def test_resumed_search_equals_uninterrupted(searched, tmp_path, monkeypatch):
   config, uninterrupted, results = searched
   workdir = str(tmp_path / 'resumed')
-  real = search.compile_search_steps
+  real = search_step.compile_search_steps
 
   def stops_after_step_25(*args):
     setup, step, evaluate = real(*args)
@@ -227,7 +228,7 @@ def test_derivation_keeps_two_strongest_non_none_edges_per_node():
   r = alphas['reduce']
   for e, (node, inp) in enumerate(EDGES):
     r[e, idx['max_pool_3x3']] = 1.0 + 0.1 * inp  # later inputs stronger
-  g = search.derive_genotype(alphas)
+  g = search_step.derive_genotype(alphas)
   assert g.normal == (
       ('sep_conv_3x3', 1), ('skip_connect', 0),
       ('avg_pool_3x3', 1), ('max_pool_3x3', 0),
@@ -240,7 +241,7 @@ def test_derivation_keeps_two_strongest_non_none_edges_per_node():
       ('max_pool_3x3', 4), ('max_pool_3x3', 3))
   assert g.normal_concat == g.reduce_concat == (2, 3, 4, 5)
   # Uniform alphas (the start of a search): first non-none op, inputs 0 and 1.
-  g0 = search.derive_genotype({k: np.zeros((14, 8)) for k in ('normal', 'reduce')})
+  g0 = search_step.derive_genotype({k: np.zeros((14, 8)) for k in ('normal', 'reduce')})
   assert g0.normal[:2] == (('max_pool_3x3', 0), ('max_pool_3x3', 1))
   assert G.validate_genotype(g0) == g0
 
@@ -249,13 +250,13 @@ def test_derivation_keeps_two_strongest_non_none_edges_per_node():
 
 
 def single_cell(*, dtype: str = 'float32', init_channels: int = 4, **fields
-                ) -> search.SearchSetup:
+                ) -> search_step.SearchSetup:
   """The step pieces of the tiny config with ``fields`` (dotted names) set, on a supernet
   of one normal cell: the search arithmetic at the least compile time."""
   config = tiny_search_config(**{'model.init_channels': init_channels, 'data.crop_padding': 0,
                                  'data.flip': False, **fields})
   search.validate(config)
-  setup = search.build_setup(config, mean=(0.3,), std=(0.3,), steps_per_epoch=1)
+  setup = search_step.build_setup(config, mean=(0.3,), std=(0.3,), steps_per_epoch=1)
   model = SuperNetwork(layers=1, reductions=(), init_channels=init_channels, impl='lax',
                        dtype=jnp.dtype(dtype))
   return dataclasses.replace(setup, model=model)
@@ -268,7 +269,7 @@ def test_exact_second_order_gradient_agrees_with_finite_differences():
     with jax.enable_x64(True):
       base = dict(init_channels=2, dtype='float64', order=2)
       setup = single_cell(hessian='exact', **base)
-      state = search.create_search_state(setup, 0, (1, 8, 8, 1))
+      state = search_step.create_search_state(setup, 0, (1, 8, 8, 1))
       rng = np.random.default_rng(0)
       params = jax.tree.map(jnp.asarray, state.params)
       # A non-zero momentum buffer (one SGD update with random gradients), peaked alphas.
@@ -283,7 +284,7 @@ def test_exact_second_order_gradient_agrees_with_finite_differences():
 
       @jax.jit
       def gradients(params, batch_stats, opt_state, alphas, xi):
-        return {k: search.arch_gradient(c, params, batch_stats, opt_state, alphas, train, val, xi)
+        return {k: search_step.arch_gradient(c, params, batch_stats, opt_state, alphas, train, val, xi)
                 for k, c in (('exact', setup), ('fd', fd_setup))}
 
       args = (params, state.batch_stats, opt_state, alphas)
@@ -317,7 +318,7 @@ def single_cell_loss(fixed_batch):
   """``L(w, alpha)`` (train-mode BN) of the single-cell supernet on the fixed batch."""
   setup = single_cell()
   images = setup.normalize(fixed_batch['image'])
-  return jax.jit(lambda s, alphas: search.Losses(setup.model, s.batch_stats).loss(
+  return jax.jit(lambda s, alphas: search_step.Losses(setup.model, s.batch_stats).loss(
       s.params, alphas, images, fixed_batch['label'])[0])
 
 
@@ -327,10 +328,10 @@ def test_search_steps_reduce_the_validation_loss(fixed_batch, single_cell_loss, 
       'optimizer.learning_rate': 0.1, 'optimizer.schedule': 'constant',
       'arch.learning_rate': 0.03})
   mesh = data_lib.make_mesh(1)
-  state = data_lib.replicate(search.create_search_state(setup, 0, (1, 8, 8, 1)), mesh)
+  state = data_lib.replicate(search_step.create_search_state(setup, 0, (1, 8, 8, 1)), mesh)
   alphas0 = jax.device_get(state.alphas)
   before = float(single_cell_loss(state, state.alphas))
-  step, _ = search.jit_search_steps(setup, mesh)
+  step, _ = search_step.jit_search_steps(setup, mesh)
   for _ in range(10):  # the training batch is the validation batch
     state, metrics = step(state, fixed_batch, fixed_batch)
     assert np.isfinite(float(metrics['train_loss']))
@@ -352,15 +353,15 @@ def test_phase_scan_equals_the_straight_line_step(fixed_batch, order, hessian, r
     for scan in (False, True):
       setup = single_cell(order=order, hessian=hessian, **{
           'arch.reuse_train_grad': reuse, 'arch.phase_scan': scan, 'arch.learning_rate': 0.03})
-      state = data_lib.replicate(search.create_search_state(setup, 0, (1, 8, 8, 1)), mesh)
-      step, _ = search.jit_search_steps(setup, mesh)
+      state = data_lib.replicate(search_step.create_search_state(setup, 0, (1, 8, 8, 1)), mesh)
+      step, _ = search_step.jit_search_steps(setup, mesh)
       for _ in range(2):  # the second step has a momentum buffer
         state, metrics = step(state, fixed_batch, val_batch)
       finals[scan] = jax.device_get((state, metrics))
   finally:
     jax.config.update('jax_disable_most_optimizations', before)
   (straight, m_straight), (scanned, m_scanned) = finals[False], finals[True]
-  assert np.abs(straight.alphas['normal'] - search.initial_alphas(0)['normal']).max() > 1e-2
+  assert np.abs(straight.alphas['normal'] - search_step.initial_alphas(0)['normal']).max() > 1e-2
   close = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6)
   jax.tree.map(close, scanned, straight)  # weights, alphas, both optimisers, BN statistics
   jax.tree.map(close, m_scanned, m_straight)

@@ -15,7 +15,7 @@ information reads activation gradients. :func:`init_variables` leaves it out.
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax

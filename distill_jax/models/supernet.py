@@ -241,7 +241,7 @@ class SuperNetwork(nn.Module):
     dtype: computation dtype (parameters are created float32; cast them for float64).
     impl: darts_ops implementation: 'auto' (default: 'fast' on CPU, 'lax' on GPU/TPU,
       resolved at trace time), 'fast' or 'lax'. None and '' are read as 'auto' for now
-      (``distill_jax.search`` passes an unset config value as None).
+      (``distill_jax.trainers.search`` passes an unset config value as None).
     reductions: indices of the reduction cells; None = the paper's ``layers // 3`` and
       ``2 * layers // 3`` (then ``layers >= 3``). Other values serve small test networks
       (e.g. ``layers=2, reductions=(1,)``: one normal and one reduction cell).
@@ -259,7 +259,7 @@ class SuperNetwork(nn.Module):
     super().__post_init__()
 
   def _impl(self) -> str:
-    """``impl`` with None / '' read as 'auto' (transitional, for ``distill_jax.search``)."""
+    """``impl`` with None / '' read as 'auto' (transitional, for ``distill_jax.trainers.search``)."""
     return self.impl or 'auto'
 
   def reduction_indices(self) -> tuple[int, ...]:

@@ -1,5 +1,5 @@
 """The darts_fisher pipeline: grow a difficult student into its own teacher (the paper's
-second table), as a list of memoised tasks per seed (:mod:`distill_jax.runs`).
+second table), as a list of memoised tasks per seed (:mod:`distill_jax.experiments.runs`).
 
 Per seed (``WORKDIR`` layout in brackets), each task skipped when done and resumed from
 its checkpoints when it was killed:
@@ -37,17 +37,17 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from distill_jax import checkpoint as ckpt_lib
+from distill_jax.trainers import checkpoint as ckpt_lib
 from distill_jax import data as data_lib
-from distill_jax import figures
+from distill_jax.experiments import figures
 from distill_jax import fisher as fisher_lib
 from distill_jax import grow as grow_lib
-from distill_jax import loop
+from distill_jax.trainers import loop
 from distill_jax import losses
 from distill_jax import models
-from distill_jax import runs
-from distill_jax import teacher as teacher_lib
-from distill_jax import train as train_lib
+from distill_jax.experiments import runs
+from distill_jax.trainers import teacher as teacher_lib
+from distill_jax.trainers import train as train_lib
 from distill_jax import validation
 from distill_jax.options import JobOptions
 

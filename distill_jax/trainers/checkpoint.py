@@ -1,4 +1,4 @@
-"""Orbax checkpoints of a run's :class:`~distill_jax.steps.TrainState` in ``WORKDIR/checkpoints``."""
+"""Orbax checkpoints of a run's :class:`~distill_jax.trainers.steps.TrainState` in ``WORKDIR/checkpoints``."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-r"""DARTS architecture search: bilevel optimisation of a supernet's weights and alphas.
+r"""The DARTS search step: bilevel optimisation of a supernet's weights and alphas.
 
 Liu, Simonyan & Yang, "DARTS: Differentiable Architecture Search" (ICLR 2019,
 arXiv:1806.09055): section 2.3 (the approximate architecture gradient), Algorithm 1,
@@ -59,27 +59,15 @@ Genotype (section 2.4): per intermediate node, the two incoming edges with the l
 non-``none`` softmax weight, each with its best non-``none`` operation
 (:func:`derive_genotype`, the release's ``genotype()`` in ``cnn/model_search.py``).
 
-Files in ``workdir``: ``checkpoints/`` (orbax; the whole :class:`SearchState`, alphas and
-their Adam state included), TensorBoard events, ``metrics.jsonl``, ``genotype.json``
-(rewritten every epoch) and ``genotypes.jsonl`` (one line per epoch), and at the end
-``alphas.png``, ``normal_cell.png``, ``reduce_cell.png`` and ``results.json``.
-
-Job interface: :func:`validate` (the config checks, before any compute) and :func:`run`
-(``mode='train'`` searches, resuming; ``'evaluate'`` scores the latest checkpoint's
-supernet on the validation half and prints its genotype; ``'report'`` rewrites
-``genotype.json`` and the pictures from the latest checkpoint).
+The loop, its files and the job interface are in :mod:`distill_jax.trainers.search`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
-import time
 from typing import Any, Callable, NamedTuple
 
-from absl import logging
 import flax
 import jax
 import jax.numpy as jnp
@@ -89,20 +77,13 @@ import optax
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from distill_jax import checkpoint as ckpt_lib
 from distill_jax import data as data_lib
 from distill_jax import genotypes as genotypes_lib
-from distill_jax import loop
-from distill_jax import validation
 from distill_jax.genotypes import NUM_INPUTS, NUM_NODES, PRIMITIVES, Genotype
 from distill_jax.models.supernet import EDGES, NUM_EDGES, SuperNetwork, init_alphas, init_supernet
-from distill_jax.options import JobOptions
 
 ORDERS = (1, 2)
 HESSIANS = ('exact', 'finite_difference')
-IMPLS = ('auto', 'fast', 'lax')
-GENOTYPE_FILE = 'genotype.json'
-GENOTYPE_HISTORY_FILE = 'genotypes.jsonl'
 # Validation batches are drawn from their own permutation stream: seed + this offset.
 VAL_SEED_OFFSET = 1_000_003
 
@@ -571,263 +552,3 @@ def derive_genotype(alphas: Any) -> Genotype:
   return genotypes_lib.validate_genotype(Genotype(
       normal=derive_cell(weights['normal']), normal_concat=concat,
       reduce=derive_cell(weights['reduce']), reduce_concat=concat))
-
-
-# ---------------------------------------------------------------------------
-# Config.
-
-
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Raises :class:`~distill_jax.validation.ConfigError` (one line) for the first impossible
-  value of a search config; runs before any compute."""
-  validation.check_choice(config, 'data.name', sorted(data_lib.NUM_CLASSES))
-  validation.check_int(config, 'order', 1)
-  validation.check_choice(config, 'order', ORDERS)
-  validation.check_choice(config, 'hessian', HESSIANS)
-  validation.check_int(config, 'model.layers', 3)
-  validation.check_int(config, 'model.init_channels', 2)
-  validation.check_int(config, 'model.stem_multiplier', 1)
-  validation.check_int(config, 'model.num_classes', 2)
-  classes = data_lib.NUM_CLASSES[config.data.name]
-  if config.model.num_classes != classes:
-    validation.fail('model.num_classes', config.model.num_classes,
-                    f'dataset {config.data.name!r} has {classes} classes')
-  validation.check_choice(config, 'model.impl', IMPLS)
-  fraction = config.data.validation_fraction
-  if not (isinstance(fraction, (int, float)) and 0.0 < fraction < 1.0):
-    validation.fail('data.validation_fraction', fraction,
-                    'must be in (0, 1): the search needs both halves (the paper uses 0.5)')
-  validation.check_choice(config, 'data.pad_mode', ('constant', 'reflect'))
-  for field in ('num_epochs', 'batch_size', 'eval_batch_size', 'log_every_steps',
-                'keep_checkpoints'):
-    validation.check_int(config, field, 1)
-  for field in ('checkpoint_every_steps', 'num_devices', 'data.crop_padding', 'data.cutout'):
-    validation.check_int(config, field, 0)
-  for field in ('optimizer.learning_rate', 'arch.learning_rate', 'arch.fd_epsilon'):
-    validation.check_positive(config, field)
-  for field in ('optimizer.final_learning_rate', 'optimizer.momentum', 'optimizer.weight_decay',
-                'optimizer.grad_clip_norm', 'arch.weight_decay'):
-    validation.check_non_negative(config, field)
-  validation.check_choice(config, 'optimizer.schedule', ('constant', 'cosine'))
-  if config.optimizer.final_learning_rate > config.optimizer.learning_rate:
-    validation.fail('optimizer.final_learning_rate', config.optimizer.final_learning_rate,
-                    f'must be <= optimizer.learning_rate={config.optimizer.learning_rate}')
-  for field in ('arch.b1', 'arch.b2'):
-    validation.check_range(config, field, 0, 1, closed='[)')
-  for field in ('arch.reuse_train_grad', 'arch.phase_scan', 'plot_every_epoch', 'data.flip'):
-    validation.check_bool(config, field)
-
-
-# ---------------------------------------------------------------------------
-# The search loop.
-
-
-def _append_jsonl(path: str, obj: dict) -> None:
-  """One JSON line appended to ``path`` (``genotypes.jsonl``: not scalars, so not through
-  the metric writer)."""
-  with open(path, 'a') as f:
-    f.write(json.dumps(obj) + '\n')
-
-
-def evaluate_val(data: data_lib.DeviceData, evaluate: Callable, state: SearchState,
-                 batch_size: int) -> dict[str, float]:
-  """Inference-mode loss and top-1 error of the supernet over the whole validation half."""
-  return data_lib.mean_over_split(data, 'val', batch_size, lambda batch: evaluate(state, batch))
-
-
-def _write_genotype(workdir: str, alphas: Any, *, plots: bool = True) -> Genotype:
-  """Derives the genotype of ``alphas``; writes ``genotype.json`` and the pictures
-  (process 0)."""
-  alphas = jax.device_get(alphas)
-  genotype = derive_genotype(alphas)
-  if jax.process_index() == 0:
-    genotypes_lib.save_genotype(os.path.join(workdir, GENOTYPE_FILE), genotype)
-    if plots:
-      from distill_jax import search_plots  # pylint: disable=g-import-not-at-top
-      search_plots.write_search_plots(workdir, alpha_weights(alphas), genotype)
-  return genotype
-
-
-def _epoch_outputs(workdir: str, state: SearchState, step: int, epoch: float, plots: bool
-                   ) -> Genotype:
-  """The epoch's genotype: ``genotype.json``, a ``genotypes.jsonl`` line, pictures if asked."""
-  genotype = _write_genotype(workdir, state.alphas, plots=plots)
-  if jax.process_index() == 0:
-    _append_jsonl(os.path.join(workdir, GENOTYPE_HISTORY_FILE),
-                  {'step': step, 'epoch': epoch,
-                   'genotype': genotypes_lib.genotype_to_json(genotype)})
-  return genotype
-
-
-@dataclasses.dataclass
-class _Search:
-  """A search's data, compiled steps and fresh state on its mesh."""
-  dataset: data_lib.Dataset
-  data: data_lib.DeviceData
-  mesh: Mesh
-  setup: SearchSetup
-  step_fn: Callable
-  eval_fn: Callable
-  state: SearchState
-  num_params: int
-  steps_per_epoch: int
-
-
-def _prepare(config: ml_collections.ConfigDict) -> _Search:
-  """Loads the halves and builds the steps and the step-0 state of a validated config."""
-  mesh = data_lib.make_mesh(config.num_devices)
-  validation.check_batch_divides(config.batch_size, mesh.size)
-  validation.check_batch_divides(config.eval_batch_size, mesh.size, 'eval_batch_size')
-  dataset = data_lib.load_dataset(config.data.name, data_dir=config.data.data_dir or None,
-                                  validation_fraction=config.data.validation_fraction)
-  num_train, num_val = len(dataset.train_labels), len(dataset.val_labels)
-  if config.batch_size > min(num_train, num_val):
-    validation.fail('batch_size', config.batch_size,
-                    f'the halves have only {num_train} (weights) and {num_val} (alphas) examples')
-  setup, step_fn, eval_fn = compile_search_steps(config, mesh, dataset)
-  state = create_search_state(setup, config.seed, (1, *dataset.image_shape))
-  num_params = int(sum(np.size(x) for x in jax.tree.leaves(state.params)))
-  return _Search(dataset=dataset, data=data_lib.DeviceData.create(dataset, mesh), mesh=mesh,
-                 setup=setup, step_fn=step_fn, eval_fn=eval_fn,
-                 state=data_lib.replicate(state, mesh), num_params=num_params,
-                 steps_per_epoch=num_train // config.batch_size)
-
-
-def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs (or resumes) a DARTS search in ``workdir``; returns the results dict.
-
-  The config is validated before anything is computed. The search resumes from the
-  latest complete checkpoint in ``workdir`` and repeats the uninterrupted run exactly
-  (batches and augmentation are functions of ``(seed, step)``).
-  """
-  start_time = time.time()
-  validate(config)
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  s = _prepare(config)
-  num_train, num_val = len(s.dataset.train_labels), len(s.dataset.val_labels)
-  cadence = loop.Cadence(s.steps_per_epoch * config.num_epochs, config.log_every_steps,
-                         eval_every=s.steps_per_epoch, save_every=config.checkpoint_every_steps)
-  os.makedirs(workdir, exist_ok=True)
-
-  manager = ckpt_lib.make_manager(workdir, keep=config.keep_checkpoints)
-  state, restored_step = ckpt_lib.restore_latest(manager, s.state)
-  first_step = int(jax.device_get(state.step))
-  if restored_step is not None:
-    logging.info('Resumed the search from %s at step %d.', ckpt_lib.checkpoint_dir(workdir),
-                 first_step)
-  writer = loop.create_writer(workdir)
-  logging.info('DARTS search (order %d%s): supernet %d cells, C=%d, %d parameters, on %s, '
-               '%d steps over %d devices.', config.order,
-               f', {config.hessian} hessian' if config.order == 2 else '', config.model.layers,
-               config.model.init_channels, s.num_params, config.data.name, cadence.num_steps,
-               s.mesh.size)
-
-  pending = loop.PendingMetrics(first_step, finite_keys=('train_loss', 'param_norm', 'alpha_norm'),
-                                hint='lower optimizer.learning_rate or arch.learning_rate')
-  last_saved = first_step
-  step_seconds = 0.0
-  final = None
-  try:
-    for step in range(first_step + 1, cadence.num_steps + 1):
-      t0 = time.time()
-      train_idx = data_lib.train_indices(config.seed, step - 1, num_examples=num_train,
-                                         batch_size=config.batch_size)
-      val_idx = data_lib.train_indices(config.seed + VAL_SEED_OFFSET, step - 1,
-                                       num_examples=num_val, batch_size=config.batch_size)
-      state, metrics = s.step_fn(state, s.data.batch('train', train_idx),
-                                 s.data.batch('val', val_idx))
-      pending.add(step, metrics)
-      step_seconds += time.time() - t0
-
-      epoch = step / s.steps_per_epoch
-      if cadence.log(step) or cadence.save(step):
-        pending.check_finite(last_saved)
-      if cadence.log(step):
-        writer.write_scalars(step, {**pending.summary(step), 'epoch': epoch})
-      if cadence.eval(step):  # every epoch
-        values = {**evaluate_val(s.data, s.eval_fn, state, config.eval_batch_size),
-                  'epoch': epoch}
-        genotype = _epoch_outputs(workdir, state, step, epoch, plots=config.plot_every_epoch)
-        writer.write_scalars(step, values)
-        logging.info('Step %d (epoch %.2f): val top-1 error %.4f; genotype %s', step, epoch,
-                     values['val_top1_error'], genotype)
-        if cadence.is_last(step):
-          final = values
-      if cadence.save(step):
-        manager.save(step, args=ckpt_lib.ocp.args.StandardSave(state))
-        last_saved = step
-  finally:  # a failed search still completes the (finite) saves it began
-    manager.wait_until_finished()
-  writer.flush()
-
-  if final is None:  # nothing left to search: the workdir already held the last step
-    final = evaluate_val(s.data, s.eval_fn, state, config.eval_batch_size)
-  genotype = _write_genotype(workdir, state.alphas)
-  results = loop.write_results(workdir, {
-      'genotype': genotypes_lib.genotype_to_json(genotype),
-      'val_top1_error': final['val_top1_error'], 'val_loss': final['val_loss'],
-      'order': config.order, 'hessian': config.hessian if config.order == 2 else None,
-      'reuse_train_grad': config.arch.reuse_train_grad if config.order == 2 else None,
-      'alphas_softmax': {k: v.round(6).tolist() for k, v in alpha_weights(state.alphas).items()},
-      'num_params': s.num_params, 'steps': cadence.num_steps, 'epochs': config.num_epochs,
-      'resumed_from_step': restored_step, 'wall_time_s': time.time() - start_time,
-      'search_step_seconds': step_seconds, 'num_devices': s.mesh.size,
-      'config': config.to_dict()})
-  manager.close()
-  return results
-
-
-# ---------------------------------------------------------------------------
-# The job interface.
-
-
-def _no_checkpoint(workdir: str, mode: str) -> FileNotFoundError:
-  return FileNotFoundError(f'no search checkpoint in {ckpt_lib.checkpoint_dir(workdir)} to '
-                           f'{mode}; run the search first (--mode=train)')
-
-
-def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Scores the latest checkpoint's supernet (inference mode) on the validation half;
-  returns ``{'step', 'val_loss', 'val_top1_error', 'genotype'}`` and prints the genotype."""
-  if ckpt_lib.latest_step(workdir) is None:
-    raise _no_checkpoint(workdir, 'evaluate')
-  s = _prepare(config)
-  manager = ckpt_lib.make_manager(workdir, keep=config.keep_checkpoints)
-  state, step = ckpt_lib.restore_latest(manager, s.state)
-  manager.close()
-  genotype = derive_genotype(state.alphas)
-  results = {'step': step, **evaluate_val(s.data, s.eval_fn, state, config.eval_batch_size),
-             'genotype': genotypes_lib.genotype_to_json(genotype)}
-  logging.info('Step %d: val top-1 error %.4f; genotype %s', step, results['val_top1_error'],
-               genotype)
-  if jax.process_index() == 0:
-    print(json.dumps(results['genotype']))
-  return results
-
-
-def report(workdir: str) -> dict[str, Any]:
-  """Rewrites ``genotype.json`` and the pictures from the latest checkpoint's alphas;
-  returns ``{'step', 'genotype'}``."""
-  step = ckpt_lib.latest_step(workdir)
-  if step is None:
-    raise _no_checkpoint(workdir, 'report')
-  alphas = ckpt_lib.restore_local(ckpt_lib.item_path(workdir, step))['alphas']
-  genotype = _write_genotype(os.path.abspath(os.path.expanduser(workdir)), alphas)
-  return {'step': step, 'genotype': genotypes_lib.genotype_to_json(genotype)}
-
-
-def run(config: ml_collections.ConfigDict, workdir: str,
-        options: JobOptions = JobOptions()) -> dict[str, Any]:
-  """The search job: ``options.mode`` 'train' searches (resuming, :func:`run_search`),
-  'evaluate' scores the latest checkpoint (:func:`evaluate`), 'report' rewrites its
-  genotype and pictures (:func:`report`)."""
-  validate(config)
-  if options.num_shards > 1:
-    raise validation.ConfigError(
-        f'--shard={options.shard}/{options.num_shards} is invalid for '
-        f'config.job={config.get("job", "darts_search")!r}: a search is one run')
-  if options.mode == 'train':
-    return run_search(config, workdir)
-  if options.mode == 'evaluate':
-    return evaluate(config, workdir)
-  return report(workdir)

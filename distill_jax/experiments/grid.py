@@ -8,7 +8,7 @@ A grid workdir holds one workdir per run::
   report.md, report.csv                 mean ± std over seeds
 
 Every run is a copy of ``config.run`` with its model, seed and teacher
-(:func:`distill_jax.runs.run_config`); DARTS runs also get ``config.darts_drop_path_prob``
+(:func:`distill_jax.experiments.runs.run_config`); DARTS runs also get ``config.darts_drop_path_prob``
 (no other family has drop path). Every run resumes from its own checkpoints and a
 finished one is skipped, so re-running the grid (or one shard of it) only does what is
 missing.
@@ -24,8 +24,8 @@ import jax
 import ml_collections
 
 from distill_jax import data as data_lib
-from distill_jax import runs
-from distill_jax import train
+from distill_jax.experiments import runs
+from distill_jax.trainers import train
 from distill_jax import validation
 from distill_jax.options import JobOptions
 

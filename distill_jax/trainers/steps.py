@@ -90,7 +90,7 @@ def train_step(state: TrainState, batch: dict, teacher: dict | None, *, model: n
 
   ``augment`` (:func:`make_augment`) turns the raw batch into training inputs; ``loss_fn``
   (:func:`make_loss`) scores the student against the labels and the teacher;
-  ``drop_path`` (:func:`distill_jax.optim.make_drop_path_schedule`) gives a DARTS
+  ``drop_path`` (:func:`distill_jax.trainers.optim.make_drop_path_schedule`) gives a DARTS
   network's drop-path probability per step; ``aux_weight`` weighs the auxiliary head.
   """
   step_rng = jax.random.fold_in(state.rng, state.step)

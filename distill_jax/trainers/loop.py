@@ -1,6 +1,6 @@
 """The bookkeeping every training loop shares: cadence, pending metrics, writers, results.
 
-:mod:`distill_jax.train` and :mod:`distill_jax.search` keep their own short loops and
+:mod:`distill_jax.trainers.train` and :mod:`distill_jax.trainers.search` keep their own short loops and
 call these as one-liners (big_vision ``utils`` style):
 
 * :class:`Cadence` says whether a step logs, evaluates or saves;

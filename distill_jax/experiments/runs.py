@@ -1,7 +1,7 @@
 """Experiments as lists of tasks memoised in a workdir: training runs and artifacts.
 
-The grid (:mod:`distill_jax.grid`) and the darts_fisher pipeline
-(:mod:`distill_jax.darts_fisher`) are both a list of :class:`Task`: a training run
+The grid (:mod:`distill_jax.experiments.grid`) and the darts_fisher pipeline
+(:mod:`distill_jax.experiments.darts_fisher`) are both a list of :class:`Task`: a training run
 (done when its ``results.json`` exists) or an artifact file such as a Fisher estimate or
 a grown teacher (done when the file exists; written atomically). :func:`run_tasks` does
 a shard's share in order and skips what is done; :func:`report_rows` and
@@ -25,8 +25,8 @@ import ml_collections
 import numpy as np
 
 from distill_jax import config_lib
-from distill_jax import loop
-from distill_jax import train
+from distill_jax.trainers import loop
+from distill_jax.trainers import train
 from distill_jax import validation
 
 NO_TEACHER = 'N/A'

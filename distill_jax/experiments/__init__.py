@@ -1,0 +1,2 @@
+"""Experiments made of many runs: the tasks abstraction, the teacher x student grid, the
+darts_fisher pipeline and their figures."""
