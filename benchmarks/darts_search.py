@@ -40,8 +40,8 @@ import numpy as np
 
 from distill_jax import config_lib
 from distill_jax import data as data_lib
-from distill_jax.trainers import search
 from distill_jax.models import darts_ops
+from distill_jax.trainers import search
 from distill_jax.trainers import search_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

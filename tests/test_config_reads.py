@@ -12,12 +12,12 @@ import pytest
 
 from conftest import load_config
 from distill_jax import config_lib
+from distill_jax import jobs
+from distill_jax import validation
 from distill_jax.experiments import darts_fisher
 from distill_jax.experiments import grid
-from distill_jax import jobs
 from distill_jax.trainers import search
 from distill_jax.trainers import train
-from distill_jax import validation
 
 # Fields read only for some values of another field; the test names which.
 CONDITIONAL = {

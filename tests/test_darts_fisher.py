@@ -10,11 +10,11 @@ import time
 import pytest
 
 from conftest import CACHE_DIR, REPO, load_config
-from distill_jax.trainers import checkpoint as ckpt_lib
 from distill_jax import jobs
 from distill_jax import validation
 from distill_jax.config_lib import set_fields
 from distill_jax.options import JobOptions
+from distill_jax.trainers import checkpoint as ckpt_lib
 
 OVERRIDES = {
     'run.model.layers': 3, 'run.model.init_channels': 4, 'seeds': (0,), 'run.num_epochs': 1,

@@ -22,16 +22,16 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import load_config
-from distill_jax.trainers import checkpoint as ckpt_lib
 from distill_jax import config_lib
 from distill_jax import data as data_lib
 from distill_jax import genotypes as G
 from distill_jax import models
-from distill_jax.trainers import search
-from distill_jax.trainers import search_step
 from distill_jax import validation
 from distill_jax.models.supernet import EDGES, SuperNetwork, edge_index
 from distill_jax.options import JobOptions
+from distill_jax.trainers import checkpoint as ckpt_lib
+from distill_jax.trainers import search
+from distill_jax.trainers import search_step
 
 
 @pytest.fixture(scope='module', autouse=True)

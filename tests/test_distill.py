@@ -11,15 +11,15 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import load_config
-from distill_jax.trainers import checkpoint as ckpt_lib
 from distill_jax import data as data_lib
 from distill_jax import jobs
 from distill_jax import losses
 from distill_jax import models
+from distill_jax import validation
+from distill_jax.trainers import checkpoint as ckpt_lib
 from distill_jax.trainers import steps as steps_lib
 from distill_jax.trainers import teacher as teacher_lib
 from distill_jax.trainers import train as train_lib
-from distill_jax import validation
 
 SHAPE = (1, 8, 8, 1)
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from conftest import REPO, load_config
-from distill_jax.experiments import grid
 from distill_jax import jobs
-from distill_jax.experiments import runs as runs_lib
 from distill_jax import validation
+from distill_jax.experiments import grid
+from distill_jax.experiments import runs as runs_lib
 from distill_jax.options import JobOptions
 
 

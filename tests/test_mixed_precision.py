@@ -10,10 +10,10 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import tiny_train_config
-from distill_jax.trainers import checkpoint as ckpt_lib
 from distill_jax import models
-from distill_jax.trainers import train as train_lib
 from distill_jax import validation
+from distill_jax.trainers import checkpoint as ckpt_lib
+from distill_jax.trainers import train as train_lib
 
 
 def test_bfloat16_training_matches_float32(tmp_path):

@@ -11,9 +11,9 @@ import jax
 import numpy as np
 
 from conftest import CACHE_DIR, REPO, load_config
+from distill_jax.config_lib import set_fields
 from distill_jax.trainers import checkpoint as ckpt_lib
 from distill_jax.trainers import train as train_lib
-from distill_jax.config_lib import set_fields
 
 ARGS = ['--config=configs/train.py:demo', '--config.model.widen_factor=1',
         '--config.batch_size=32', '--config.eval_batch_size=120', '--config.log_every_steps=11',

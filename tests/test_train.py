@@ -13,12 +13,12 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import CACHE_DIR, REPO, tiny_train_config
-from distill_jax.trainers import checkpoint as ckpt_lib
 from distill_jax import jobs
 from distill_jax import models
+from distill_jax import validation
+from distill_jax.trainers import checkpoint as ckpt_lib
 from distill_jax.trainers import loop
 from distill_jax.trainers import train as train_lib
-from distill_jax import validation
 
 
 def restore_params(workdir):

@@ -37,19 +37,19 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from distill_jax.trainers import checkpoint as ckpt_lib
 from distill_jax import data as data_lib
-from distill_jax.experiments import figures
 from distill_jax import fisher as fisher_lib
 from distill_jax import grow as grow_lib
-from distill_jax.trainers import loop
 from distill_jax import losses
 from distill_jax import models
+from distill_jax import validation
+from distill_jax.experiments import figures
 from distill_jax.experiments import runs
+from distill_jax.options import JobOptions
+from distill_jax.trainers import checkpoint as ckpt_lib
+from distill_jax.trainers import loop
 from distill_jax.trainers import teacher as teacher_lib
 from distill_jax.trainers import train as train_lib
-from distill_jax import validation
-from distill_jax.options import JobOptions
 
 TEACHER_KINDS = ('depth', 'uniform', 'fisher')
 TEACHER_INITS = ('scratch', 'grown')

@@ -24,10 +24,10 @@ import jax
 import ml_collections
 
 from distill_jax import data as data_lib
-from distill_jax.experiments import runs
-from distill_jax.trainers import train
 from distill_jax import validation
+from distill_jax.experiments import runs
 from distill_jax.options import JobOptions
+from distill_jax.trainers import train
 
 
 def _models(config: ml_collections.ConfigDict) -> dict[str, dict]:

@@ -25,9 +25,9 @@ import ml_collections
 import numpy as np
 
 from distill_jax import config_lib
+from distill_jax import validation
 from distill_jax.trainers import loop
 from distill_jax.trainers import train
-from distill_jax import validation
 
 NO_TEACHER = 'N/A'
 

@@ -30,15 +30,15 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from distill_jax.trainers import checkpoint as ckpt_lib
 from distill_jax import data as data_lib
 from distill_jax import genotypes as genotypes_lib
-from distill_jax.trainers import loop
-from distill_jax.trainers import search_plots
 from distill_jax import validation
 from distill_jax.genotypes import Genotype
 from distill_jax.models import darts_ops
 from distill_jax.options import JobOptions
+from distill_jax.trainers import checkpoint as ckpt_lib
+from distill_jax.trainers import loop
+from distill_jax.trainers import search_plots
 from distill_jax.trainers.search_step import (HESSIANS, ORDERS, VAL_SEED_OFFSET, SearchSetup, SearchState,
                                      alpha_weights, compile_search_steps, create_search_state,
                                      derive_genotype)

@@ -10,8 +10,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from distill_jax.trainers import checkpoint as ckpt_lib
 from distill_jax import models
+from distill_jax.trainers import checkpoint as ckpt_lib
 
 
 class TeacherError(ValueError):

@@ -22,15 +22,15 @@ from clu import periodic_actions
 import jax
 import ml_collections
 
-from distill_jax.trainers import checkpoint as ckpt_lib
 from distill_jax import data as data_lib
-from distill_jax.trainers import loop
 from distill_jax import models
+from distill_jax import validation
+from distill_jax.options import JobOptions
+from distill_jax.trainers import checkpoint as ckpt_lib
+from distill_jax.trainers import loop
 from distill_jax.trainers import optim
 from distill_jax.trainers import steps as steps_lib
 from distill_jax.trainers import teacher as teacher_lib
-from distill_jax import validation
-from distill_jax.options import JobOptions
 from distill_jax.trainers.teacher import Teacher
 
 TEACHER_SUBDIR = 'teacher'
