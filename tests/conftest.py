@@ -52,3 +52,50 @@ def tiny_train_config(**overrides):
   c.num_devices = 1
   from distill_jax.config_lib import set_fields  # pylint: disable=g-import-not-at-top
   return set_fields(c, overrides)
+
+
+# ---------------------------------------------------------------------------------------
+# Recording which config fields a job reads (tests/test_config_reads.py and the
+# end-to-end tests of the grid and the search).
+
+# Fields read only for some values of another field; the test names which.
+CONDITIONAL = {
+    # Read by optimizer.schedule='multistep' only (the demos use cosine).
+    'optimizer.milestones', 'optimizer.decay_factor',
+}
+
+
+def _unrecorded(fn):
+  import functools  # pylint: disable=g-import-not-at-top
+  from distill_jax import config_lib  # pylint: disable=g-import-not-at-top
+
+  @functools.wraps(fn)
+  def wrapper(*args, **kwargs):
+    with config_lib.unrecorded_reads():
+      return fn(*args, **kwargs)
+  return wrapper
+
+
+@pytest.fixture
+def unrecorded_validation(monkeypatch):
+  """The validators' reads (every field, none used) are not recorded."""
+  from distill_jax import validation  # pylint: disable=g-import-not-at-top
+  from distill_jax.experiments import darts_fisher, grid  # pylint: disable=g-import-not-at-top
+  from distill_jax.trainers import train  # pylint: disable=g-import-not-at-top
+  for module, name in [(validation, 'validate_train_config'), (validation, 'validate_distill_config'),
+                       (train, 'validate'), (grid, 'validate'), (darts_fisher, 'validate')]:
+    monkeypatch.setattr(module, name, _unrecorded(getattr(module, name)))
+
+
+def unread(config, run_job, prefixes=('',)):
+  """The sorted fields of ``config`` that ``run_job(config)`` never reads (beyond
+  :data:`CONDITIONAL` under each of ``prefixes``)."""
+  from distill_jax import config_lib  # pylint: disable=g-import-not-at-top
+  config.lock()
+  config, reads = config_lib.trace_reads(config)
+  run_job(config)
+  fields = config_lib.leaf_paths(config)
+  conditional = {p + f for p in prefixes for f in CONDITIONAL}
+  return sorted(fields - reads - conditional)
+
+

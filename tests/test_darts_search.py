@@ -25,6 +25,7 @@ from conftest import load_config
 from distill_jax import config_lib
 from distill_jax import data as data_lib
 from distill_jax import genotypes as G
+from distill_jax import jobs
 from distill_jax import models
 from distill_jax import validation
 from distill_jax.models.supernet import EDGES, SuperNetwork, edge_index
@@ -66,16 +67,44 @@ def restore(workdir: str) -> dict:
     return manager.restore(manager.latest_step())
 
 
+SEARCH_READS: set[str] = set()  # the fixture's config reads
+
+
 @pytest.fixture(scope='module')
 def searched(tmp_path_factory):
-  """One uninterrupted first-order search shared by several tests."""
+  """One uninterrupted first-order search shared by several tests.
+
+  The config's reads are recorded (outside its validation, which reads every field)
+  for :func:`test_search_reads_every_config_field`.
+  """
   workdir = str(tmp_path_factory.mktemp('search'))
   config = tiny_search_config()
-  results = search.run_search(config, workdir)
+  config.lock()
+  config, reads = config_lib.trace_reads(config)
+  with pytest.MonkeyPatch.context() as patch:
+    validate = search.validate
+
+    def unrecorded_validate(c):
+      with config_lib.unrecorded_reads():
+        validate(c)
+
+    patch.setattr(search, 'validate', unrecorded_validate)
+    results = jobs.run(config, workdir)  # config.job -> search.run -> search.run_search
+  SEARCH_READS.update(reads)
   return config, workdir, results
 
 
 # ---------------------------------------------------------------------------- end to end
+
+
+def test_search_reads_every_config_field(searched):
+  """No field of configs/darts_search.py is accepted and ignored (see
+  tests/test_config_reads.py for the other jobs). This first-order search leaves unread
+  only what the second order alone uses."""
+  config, _, _ = searched
+  second_order_only = {'hessian', 'arch.fd_epsilon', 'arch.reuse_train_grad'}
+  unread = config_lib.leaf_paths(config) - SEARCH_READS
+  assert unread <= second_order_only, sorted(unread - second_order_only)
 
 
 def test_search_changes_alphas_and_writes_a_buildable_genotype(searched):
