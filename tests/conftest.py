@@ -99,3 +99,10 @@ def unread(config, run_job, prefixes=('',)):
   return sorted(fields - reads - conditional)
 
 
+
+
+def pytest_collection_modifyitems(items):
+  """Files with end-to-end tests first: with ``--dist loadfile`` the long files start at
+  once and the short ones fill in at the end, instead of one worker finishing alone."""
+  heavy = {item.path for item in items if item.get_closest_marker('e2e')}
+  items.sort(key=lambda item: item.path not in heavy)

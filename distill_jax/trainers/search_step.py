@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 from typing import Any, Callable, NamedTuple
 
 import flax
@@ -486,12 +487,10 @@ def jit_search_steps(setup: SearchSetup, mesh: Mesh) -> tuple[Callable, Callable
   return step, evaluate
 
 
-@functools.lru_cache(maxsize=16)
-def _cached_steps(config: ml_collections.FrozenConfigDict, mesh: Mesh, mean: tuple[float, ...],
-                  std: tuple[float, ...], steps_per_epoch: int
-                  ) -> tuple[SearchSetup, Callable, Callable]:
-  setup = build_setup(config, mean=mean, std=std, steps_per_epoch=steps_per_epoch)
-  return (setup, *jit_search_steps(setup, mesh))
+# The fields :func:`build_setup` reads: searches that agree on them share compiled steps.
+STEP_FIELDS = ('model', 'data', 'optimizer', 'arch', 'order', 'hessian', 'num_epochs')
+_COMPILED: dict[tuple, tuple[SearchSetup, Callable, Callable]] = {}
+_MAX_COMPILED = 16
 
 
 def compile_search_steps(config: ml_collections.ConfigDict, mesh: Mesh,
@@ -499,11 +498,21 @@ def compile_search_steps(config: ml_collections.ConfigDict, mesh: Mesh,
   """``(setup, step, evaluate)`` of :func:`build_setup` and :func:`jit_search_steps` for a
   (validated) config on ``dataset``.
 
-  Cached per (frozen config, mesh, dataset statistics), so repeated searches of one
-  config in a process (a resumed one, tests) compile once.
+  Cached per (the config's :data:`STEP_FIELDS`, mesh, dataset statistics), so searches
+  in one process that differ only in seed, logging or checkpointing (a resumed one,
+  tests) compile once.
   """
-  return _cached_steps(ml_collections.FrozenConfigDict(config), mesh, tuple(dataset.mean),
-                       tuple(dataset.std), len(dataset.train_labels) // config.batch_size)
+  fields = config.to_dict()
+  steps_per_epoch = len(dataset.train_labels) // config.batch_size
+  key = (json.dumps({k: fields[k] for k in STEP_FIELDS}, sort_keys=True, default=str), mesh,
+         tuple(dataset.mean), tuple(dataset.std), steps_per_epoch)
+  if key not in _COMPILED:
+    setup = build_setup(config, mean=tuple(dataset.mean), std=tuple(dataset.std),
+                        steps_per_epoch=steps_per_epoch)
+    if len(_COMPILED) >= _MAX_COMPILED:
+      _COMPILED.pop(next(iter(_COMPILED)))
+    _COMPILED[key] = (setup, *jit_search_steps(setup, mesh))
+  return _COMPILED[key]
 
 
 # ---------------------------------------------------------------------------
