@@ -4,8 +4,8 @@ Each config's ``:demo`` (shrunk further) runs its job with every read of the con
 recorded (:func:`distill_jax.config_lib.trace_reads`, copies included); the checks of
 ``validate`` read every field without using it, so their reads are not recorded. A field
 that no computation reads would be accepted and ignored: that fails here. The grid's
-check is in tests/test_grid.py and the search's in tests/test_darts_search.py, on runs
-those files make anyway.
+check is in tests/test_grid.py, the search's in tests/test_darts_search.py and the
+darts_fisher pipeline's in tests/test_darts_fisher.py, on runs those files make anyway.
 """
 
 import pytest
@@ -46,19 +46,3 @@ def test_darts_eval_reads_every_field(tmp_path, unrecorded_validation):
   c = shrink_run(load_config('darts_eval', 'demo'),
                  **{'model.layers': 3, 'model.init_channels': 4})
   assert unread(c, lambda c: jobs.run(c, str(tmp_path))) == []
-
-
-@pytest.mark.e2e
-def test_darts_fisher_reads_every_field(tmp_path, unrecorded_validation):
-  c = load_config('darts_fisher', 'demo')
-  c.seeds = (0,)
-  c.teachers = ('depth', 'fisher')   # between them they read every growth and fisher field
-  shrink_run(c.run, **{'model.layers': 3, 'model.init_channels': 4})
-  c.run.distill.method = 'kd_at'
-  c.run.drop_path_prob = 0.1         # the bug this test exists for: it must reach every run
-  c.growth.depth_layers = 4
-  c.fisher.num_batches = 1
-  c.fisher.batch_size = 32
-  c.figure.num_images = 2
-  assert unread(c, lambda c: jobs.run(c, str(tmp_path)), prefixes=('run.',)) == []
-
