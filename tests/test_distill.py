@@ -1,5 +1,6 @@
 """Distillation training: a frozen teacher in the step, teacher loading, the distill job."""
 
+import functools
 import os
 
 import jax
@@ -95,11 +96,11 @@ def test_trainer_loss_is_one_call_of_distillation_loss(teacher_dir):
       {'crop_padding': 0, 'flip': False, 'cutout': 0, 'pad_mode': 'constant'})
   batch = {'image': jnp.asarray(dataset.train_images[:16]),
            'label': jnp.asarray(dataset.train_labels[:16])}
-  _, metrics = steps_lib.train_step(
-      state, batch, teacher.variables, model=student, tx=tx,
-      schedule=optax.constant_schedule(0.1),
+  step = jax.jit(functools.partial(
+      steps_lib.train_step, model=student, tx=tx, schedule=optax.constant_schedule(0.1),
       augment=steps_lib.make_augment(no_augmentation, dataset.mean, dataset.std),
-      loss_fn=steps_lib.make_loss(config.distill), teacher_model=teacher.model)
+      loss_fn=steps_lib.make_loss(config.distill), teacher_model=teacher.model))
+  _, metrics = step(state, batch, teacher.variables)
   images = data_lib.normalize(batch['image'], dataset.mean, dataset.std)
   (s_logits, s_points), _ = student.apply(variables, images, train=True, mutable=['batch_stats'])
   t_logits, t_points = teacher.model.apply(teacher.variables, images, train=False)
