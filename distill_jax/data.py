@@ -13,8 +13,9 @@ Datasets:
 * ``digits``: scikit-learn's bundled 8x8 digit images (1,797 real images, 10 classes,
   shipped inside the package), split into train/test by a fixed seeded permutation.
   The offline default for demos and tests.
-* ``cifar10``, ``cifar100``: through tensorflow-datasets from ``data_dir``; they are
-  never downloaded at run time (see :data:`PREPARE_HINT`).
+* ``cifar10``, ``cifar100``: through tensorflow-datasets from ``data_dir`` (the
+  ``cifar`` extra, :data:`CIFAR_EXTRA`); never downloaded at run time (see
+  :data:`PREPARE_HINT`). Prepared as ArrayRecord they are read without TensorFlow.
 """
 
 from __future__ import annotations
@@ -35,15 +36,16 @@ IMAGE_SHAPES = {'digits': (8, 8, 1), 'cifar10': (32, 32, 3), 'cifar100': (32, 32
 DIGITS_TEST_SIZE = 360  # 20% of the 1,797 images
 DIGITS_SPLIT_SEED = 0
 
+CIFAR_EXTRA = "pip install 'distill_jax[cifar]'"
 PREPARE_HINT = (
-    'prepare it once on a machine with internet: `pip install tensorflow-datasets '
-    'tensorflow-cpu && tfds build {name} --data_dir=DIR` (or '
-    '`python -m tensorflow_datasets.scripts.download_and_prepare --datasets={name} '
-    '--data_dir=DIR`), copy DIR here and set --config.data.data_dir=DIR')
+    'prepare it once on a machine with internet: `' + CIFAR_EXTRA + ' tensorflow-cpu && '
+    'tfds build {name} --file_format=array_record --data_dir=DIR` (ArrayRecord: read '
+    'without TensorFlow), copy DIR here and set --config.data.data_dir=DIR')
 
 
 class DatasetNotFoundError(RuntimeError):
-  """A tensorflow-datasets dataset is not prepared in its data_dir."""
+  """A tensorflow-datasets dataset is not prepared in its data_dir, or cannot be read
+  with what is installed."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,24 +90,54 @@ def _load_digits() -> tuple[np.ndarray, ...]:
 
 
 def _load_tfds(name: str, data_dir: str | None) -> tuple[np.ndarray, ...]:
-  """Loads both splits of a tfds image dataset into memory, never downloading."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  """Loads both splits of a tfds image dataset into memory, never downloading.
+
+  Prepared as ArrayRecord (``tfds build --file_format=array_record``), it is read through
+  ``tfds.data_source`` without TensorFlow; prepared as TFRecord (the default of
+  ``tfds build``), through ``tfds.load``, which needs TensorFlow.
+  """
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise DatasetNotFoundError(
+        f'data.name={name!r} is read through tensorflow-datasets, which is not installed: '
+        f'{CIFAR_EXTRA}') from e
   where = data_dir or os.environ.get('TFDS_DATA_DIR') or '~/tensorflow_datasets'
   arrays = []
   for split in ('train', 'test'):
     try:
-      ds = tfds.load(name, split=split, data_dir=data_dir, download=False,
-                     as_supervised=True, batch_size=10_000)
-    except AssertionError as e:  # tfds reports "could not find data in ..."
-      raise DatasetNotFoundError(
-          f'dataset {name!r} is not prepared in {where}; '
-          + PREPARE_HINT.format(name=name)) from e
-    images, labels = [], []
-    for x, y in tfds.as_numpy(ds):
-      images.append(x)
-      labels.append(y)
-    arrays += [np.concatenate(images).astype(np.uint8), np.concatenate(labels).astype(np.int32)]
+      source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    except NotImplementedError:  # not ArrayRecord: TFRecord, or not prepared at all
+      images, labels = _load_tfrecord(tfds, name, split, data_dir, where)
+    else:
+      rows = [source[i] for i in range(len(source))]
+      images = np.stack([r['image'] for r in rows])
+      labels = np.asarray([r['label'] for r in rows])
+    arrays += [images.astype(np.uint8), labels.astype(np.int32)]
   return tuple(arrays)
+
+
+def _load_tfrecord(tfds, name: str, split: str, data_dir: str | None,
+                   where: str) -> tuple[np.ndarray, np.ndarray]:
+  """One split through ``tfds.load`` (TensorFlow), with one-line errors."""
+  not_prepared = DatasetNotFoundError(
+      f'dataset {name!r} is not prepared in {where}; ' + PREPARE_HINT.format(name=name))
+  try:
+    import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError as e:
+    if not tfds.builder(name, data_dir=data_dir).is_prepared():
+      raise not_prepared from e
+    raise DatasetNotFoundError(
+        f'dataset {name!r} in {where} is prepared as TFRecord, which needs TensorFlow to read: '
+        f'pip install tensorflow-cpu, or rebuild it as ArrayRecord: `tfds build {name} '
+        '--file_format=array_record --data_dir=DIR`') from e
+  try:
+    ds = tfds.load(name, split=split, data_dir=data_dir, download=False, as_supervised=True,
+                   batch_size=10_000)
+  except AssertionError as e:  # tfds reports "could not find data in ..."
+    raise not_prepared from e
+  batches = list(tfds.as_numpy(ds))
+  return np.concatenate([x for x, _ in batches]), np.concatenate([y for _, y in batches])
 
 
 def load_dataset(name: str, *, data_dir: str | None = None, validation_fraction: float = 0.0,

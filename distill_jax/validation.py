@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import ml_collections
 
 from distill_jax import data as data_lib
@@ -81,9 +83,17 @@ def check_model(model_config: ml_collections.ConfigDict, field: str = 'model') -
     raise ConfigError(f'config.{field}: {e}') from None
 
 
+def check_dataset(config: ml_collections.ConfigDict) -> None:
+  """``data.name`` is a known dataset, and what reads it is installed."""
+  check_choice(config, 'data.name', sorted(data_lib.NUM_CLASSES))
+  _check(config.data.name == 'digits' or importlib.util.find_spec('tensorflow_datasets') is not None,
+         'data.name', config.data.name,
+         f'it is read through tensorflow-datasets, which is not installed: {data_lib.CIFAR_EXTRA}')
+
+
 def validate_train_config(config: ml_collections.ConfigDict) -> None:
   """Raises :class:`ConfigError` for the first impossible value of a training config."""
-  check_choice(config, 'data.name', sorted(data_lib.NUM_CLASSES))
+  check_dataset(config)
   check_model(config.model)
   classes = data_lib.NUM_CLASSES[config.data.name]
   _check(config.model.get('num_classes') == classes, 'model.num_classes',

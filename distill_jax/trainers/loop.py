@@ -7,8 +7,11 @@ call these as one-liners (big_vision ``utils`` style):
 * :class:`PendingMetrics` keeps the metrics of the steps not yet logged, at most one
   step in flight, and checks them finite before every log and every save, naming the
   step range (:class:`NonFiniteLossError`);
-* :func:`create_writer` is one clu ``MultiWriter`` (console, TensorBoard and the
-  ``metrics.jsonl`` :class:`JsonlWriter`) written once per step;
+* :func:`create_writer` is one :class:`MultiWriter` (console, TensorBoard events through
+  tensorboardX, and ``metrics.jsonl``) written once per step. clu's metric writers would
+  do, but importing them imports TensorFlow, which the core does not install; these
+  writers keep clu's method names (``write_scalars``, ``write_hparams``, ``flush``,
+  ``close``), so a clu ``MetricWriter`` can stand in for any of them;
 * :func:`write_json` writes atomically; :func:`write_results` adds the versions.
 """
 
@@ -22,12 +25,14 @@ import platform
 import time
 from typing import Any, Sequence
 
-from clu import metric_writers
+from absl import logging
 import flax
 import jax
+import jaxlib
 import numpy as np
 import optax
 import orbax.checkpoint
+import tensorboardX
 
 RESULTS_FILE = 'results.json'
 METRICS_FILE = 'metrics.jsonl'
@@ -108,8 +113,45 @@ class PendingMetrics:
     return values
 
 
-class JsonlWriter(metric_writers.interface.MetricWriter):
-  """A clu ``MetricWriter`` appending one JSON object per ``write_scalars`` call."""
+class LoggingWriter:
+  """Writes each call's scalars as one absl log line."""
+
+  def write_scalars(self, step: int, scalars) -> None:
+    logging.info('[%d] %s', step, ', '.join(f'{k}={float(v):.6g}' for k, v in scalars.items()))
+
+  def write_hparams(self, hparams) -> None:
+    del hparams  # the config is logged by the job and saved in results.json
+
+  def flush(self) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
+class TensorBoardWriter:
+  """TensorBoard event files in ``logdir`` (tensorboardX: no TensorFlow needed)."""
+
+  def __init__(self, logdir: str):
+    self._writer = tensorboardX.SummaryWriter(logdir)
+
+  def write_scalars(self, step: int, scalars) -> None:
+    for key, value in scalars.items():
+      self._writer.add_scalar(key, float(value), global_step=step)
+
+  def write_hparams(self, hparams) -> None:
+    rows = ''.join(f'| {k} | {v} |\n' for k, v in sorted(hparams.items()))
+    self._writer.add_text('hparams', '| field | value |\n|---|---|\n' + rows, global_step=0)
+
+  def flush(self) -> None:
+    self._writer.flush()
+
+  def close(self) -> None:
+    self._writer.close()
+
+
+class JsonlWriter:
+  """Appends one JSON object (``step`` and the scalars) per ``write_scalars`` call."""
 
   def __init__(self, path: str):
     self._path = path
@@ -119,26 +161,8 @@ class JsonlWriter(metric_writers.interface.MetricWriter):
     with open(self._path, 'a') as f:
       f.write(json.dumps(row) + '\n')
 
-  def write_summaries(self, step, values, metadata=None) -> None:
-    pass
-
-  def write_images(self, step, images) -> None:
-    pass
-
-  def write_videos(self, step, videos) -> None:
-    pass
-
-  def write_audios(self, step, audios, *, sample_rate) -> None:
-    pass
-
-  def write_texts(self, step, texts) -> None:
-    pass
-
-  def write_histograms(self, step, arrays, num_buckets=None) -> None:
-    pass
-
   def write_hparams(self, hparams) -> None:
-    pass
+    del hparams
 
   def flush(self) -> None:
     pass
@@ -147,13 +171,35 @@ class JsonlWriter(metric_writers.interface.MetricWriter):
     pass
 
 
-def create_writer(workdir: str) -> metric_writers.MetricWriter:
+class MultiWriter:
+  """Passes every call on to each of ``writers``."""
+
+  def __init__(self, writers: Sequence[Any]):
+    self._writers = tuple(writers)
+
+  def write_scalars(self, step: int, scalars) -> None:
+    for w in self._writers:
+      w.write_scalars(step, scalars)
+
+  def write_hparams(self, hparams) -> None:
+    for w in self._writers:
+      w.write_hparams(hparams)
+
+  def flush(self) -> None:
+    for w in self._writers:
+      w.flush()
+
+  def close(self) -> None:
+    for w in self._writers:
+      w.close()
+
+
+def create_writer(workdir: str) -> MultiWriter:
   """Console + TensorBoard events + ``metrics.jsonl`` on process 0; console elsewhere."""
   if jax.process_index() != 0:
-    return metric_writers.LoggingWriter()
-  return metric_writers.MultiWriter([
-      metric_writers.LoggingWriter(), metric_writers.SummaryWriter(workdir),
-      JsonlWriter(os.path.join(workdir, METRICS_FILE))])
+    return MultiWriter([LoggingWriter()])
+  return MultiWriter([LoggingWriter(), TensorBoardWriter(workdir),
+                      JsonlWriter(os.path.join(workdir, METRICS_FILE))])
 
 
 def _jsonable(x: Any) -> Any:
@@ -182,7 +228,7 @@ def read_json(path: str) -> Any:
 def versions() -> dict[str, str]:
   """The versions and backend a result was computed with."""
   return {'python': platform.python_version(), 'jax': jax.__version__,
-          'jaxlib': getattr(jax.lib, '__version__', jax.__version__),
+          'jaxlib': jaxlib.__version__,
           'flax': flax.__version__, 'optax': optax.__version__,
           'orbax_checkpoint': orbax.checkpoint.__version__, 'numpy': np.__version__,
           'backend': jax.default_backend(), 'devices': str(jax.devices()[0].device_kind)}

@@ -54,7 +54,7 @@ GENOTYPE_HISTORY_FILE = 'genotypes.jsonl'
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises :class:`~distill_jax.validation.ConfigError` (one line) for the first impossible
   value of a search config; runs before any compute."""
-  validation.check_choice(config, 'data.name', sorted(data_lib.NUM_CLASSES))
+  validation.check_dataset(config)
   validation.check_int(config, 'order', 1)
   validation.check_choice(config, 'order', ORDERS)
   validation.check_choice(config, 'hessian', HESSIANS)
@@ -231,7 +231,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
         last_saved = step
   finally:  # a failed search still completes the (finite) saves it began
     manager.wait_until_finished()
-  writer.flush()
+  writer.close()
 
   if final is None:  # nothing left to search: the workdir already held the last step
     final = evaluate_val(s.data, s.eval_fn, state, config.eval_batch_size)

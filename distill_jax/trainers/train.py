@@ -18,7 +18,6 @@ import time
 from typing import Any
 
 from absl import logging
-from clu import periodic_actions
 import jax
 import ml_collections
 
@@ -141,8 +140,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   writer = loop.create_writer(workdir)
   if first_step == 0:
     writer.write_hparams(loop.flatten(config.to_dict()))
-  progress = periodic_actions.ReportProgress(num_train_steps=run.num_train_steps, writer=writer,
-                                             every_steps=config.log_every_steps)
   cadence = loop.Cadence(run.num_train_steps, log_every=config.log_every_steps,
                          eval_every=config.eval_every_steps or run.steps_per_epoch,
                          save_every=config.checkpoint_every_steps)
@@ -163,7 +160,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       state, metrics = run.train_step(state, run.data.batch('train', idx), run.teacher_variables)
       pending.add(step, metrics)
       train_seconds += time.time() - t0
-      progress(step)
 
       if cadence.log(step) or cadence.save(step):
         pending.check_finite(last_saved)
@@ -179,7 +175,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         last_saved = step
   finally:  # a failed run still completes the (finite) saves it began
     manager.wait_until_finished()
-  writer.flush()
+  writer.close()
 
   if final is None:  # nothing left to train: the workdir already held the last step
     final = evaluate_splits(run, state)
