@@ -15,15 +15,18 @@ and 2,243,546 parameters, the counts of ``distill_jax.models``).
 distill_jax's WRN-16-2 and WRN-40-2 into these networks and compares logits, the loss
 and its gradient with ``distill_jax.losses.distillation_loss`` (no augmentation).
 
-Variants: ``eager`` (NCHW), ``channels_last`` (NHWC memory format) and ``compile``
+Variants: ``eager`` (NCHW), ``channels_last`` (NHWC memory format), ``compile``
 (``torch.compile`` of the whole step: forward, loss, backward and the SGD update;
 channels-last when that variant is faster is not assumed, both memory formats are
-tried by ``--variants``). PyTorch is an optional benchmark extra
+tried by ``--variants``), and ``amp_bf16`` / ``compile_amp_bf16`` (channels-last under
+``torch.autocast`` in bfloat16, float32 parameters). On a CUDA device when PyTorch sees
+one, else on the CPU. PyTorch is an optional benchmark extra
 (``pip install torch==2.13.0``), never a dependency of distill_jax or its tests.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Callable
 
@@ -33,7 +36,8 @@ from torch import nn
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
-VARIANTS = ('eager', 'channels_last', 'compile', 'compile_channels_last')
+VARIANTS = ('eager', 'channels_last', 'compile', 'compile_channels_last', 'amp_bf16',
+            'compile_amp_bf16')
 
 
 class Block(nn.Module):
@@ -125,26 +129,32 @@ def make_runner(variant: str, batch_size: int, *, alpha: float = 0.9, temperatur
   if variant not in VARIANTS:
     raise ValueError(f'variant={variant!r} is not allowed; use one of {VARIANTS}')
   torch.manual_seed(seed)
-  channels_last = variant.endswith('channels_last')
+  device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+  channels_last = variant.endswith('channels_last') or variant.endswith('amp_bf16')
   fmt = torch.channels_last if channels_last else torch.contiguous_format
-  student = WideResNet(16, 2).to(memory_format=fmt).train()
-  teacher = WideResNet(40, 2).to(memory_format=fmt).eval()
+  student = WideResNet(16, 2).to(device=device, memory_format=fmt).train()
+  teacher = WideResNet(40, 2).to(device=device, memory_format=fmt).eval()
   for p in teacher.parameters():
     p.requires_grad_(False)
   opt = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9)
-  mean = torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1)
-  std = torch.tensor(CIFAR_STD).view(1, 3, 1, 1)
+  mean = torch.tensor(CIFAR_MEAN, device=device).view(1, 3, 1, 1)
+  std = torch.tensor(CIFAR_STD, device=device).view(1, 3, 1, 1)
   gen = torch.Generator().manual_seed(seed)
-  images = torch.randint(0, 256, (batch_size, 3, 32, 32), dtype=torch.uint8, generator=gen)
-  labels = torch.randint(0, 10, (batch_size,), generator=gen)
+  images = torch.randint(0, 256, (batch_size, 3, 32, 32), dtype=torch.uint8, generator=gen).to(device)
+  labels = torch.randint(0, 10, (batch_size,), generator=gen).to(device)
+  # Automatic mixed precision: bfloat16 compute, float32 parameters and optimizer.
+  autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if variant.endswith(
+      'amp_bf16') else contextlib.nullcontext
 
   def step(images, labels):
-    x = augment(images, mean, std).contiguous(memory_format=fmt)
-    with torch.no_grad():
-      t_logits, t_points = teacher(x)
-    logits, points = student(x)
-    loss = kd_at_loss(logits, points, t_logits, t_points, labels, alpha=alpha,
-                      temperature=temperature, beta=beta)
+    with autocast():
+      x = augment(images, mean, std).contiguous(memory_format=fmt)
+      with torch.no_grad():
+        t_logits, t_points = teacher(x)
+      logits, points = student(x)
+      loss = kd_at_loss(logits.float(), [p.float() for p in points], t_logits.float(),
+                        [p.float() for p in t_points], labels, alpha=alpha,
+                        temperature=temperature, beta=beta)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()

@@ -5,11 +5,12 @@ r"""Images/s of the jitted train step: a student alone and a KD + AT student wit
 
 Pairs: ``wrn`` (WRN-16-2 student, WRN-40-2 teacher) and ``darts`` (DARTS_V1 10-cell,
 C=16 student; a teacher of the same genotype with every cell's channels scaled so it has
-about 2x the parameters); ``wrn40`` (WRN-40-2 alone, whose step time gives
+about 2x the parameters); ``darts_teacher`` (that teacher alone); ``wrn40`` (WRN-40-2 alone, whose step time gives
 ``recipe_200_epochs_minutes``: 200 CIFAR-10 epochs of 50,000 images at ``--batch``, plus
 one compilation, without evaluation). CIFAR-sized inputs (32x32x3), steady state after compilation
 (median over ``--repeats`` steps, each waited for), compile time separately, peak device
-memory where the backend reports it. The step is the trainer's own
+memory where the backend reports it. ``--dtype=bfloat16`` computes in bfloat16,
+``--impl`` picks the DARTS operations, ``--toy`` shrinks every network for a CPU smoke run. The step is the trainer's own
 (``distill_jax.trainers.steps.train_step``: augmentation, forward, loss, backward, SGD update).
 """
 
@@ -31,6 +32,10 @@ from distill_jax.trainers import steps as steps_lib
 flags.DEFINE_list('pairs', ['wrn', 'darts', 'wrn40'], 'Student/teacher pairs to time.')
 flags.DEFINE_integer('batch', 128, 'Global batch size.')
 flags.DEFINE_integer('repeats', 10, 'Timed steps after compilation.')
+flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype (parameters stay float32).')
+flags.DEFINE_enum('impl', 'auto', ['auto', 'fast', 'lax'], 'DARTS operations (darts pairs only).')
+flags.DEFINE_list('modes', ['student', 'kd_at'], 'Steps to time: the student alone, KD + AT.')
+flags.DEFINE_bool('toy', False, 'Tiny networks (WRN-10-1/-2, 3-cell DARTS): a CPU smoke run.')
 flags.DEFINE_string('json', '', 'Write the figures here as JSON.')
 FLAGS = flags.FLAGS
 
@@ -43,17 +48,32 @@ PAIRS = {
     # WRN-40-2 trained alone: its step time gives the time of the 200-epoch CIFAR-10 recipe.
     'wrn40': (dict(name='wrn', depth=40, widen_factor=2), None),
 }
+# The darts pair's teacher trained alone (the darts_fisher pipeline's teacher runs).
+PAIRS['darts_teacher'] = (PAIRS['darts'][1], None)
+TOY_PAIRS = {
+    'wrn': (dict(name='wrn', depth=10, widen_factor=1), dict(name='wrn', depth=10, widen_factor=2)),
+    'darts': (dict(name='darts', genotype='DARTS_V1', layers=3, init_channels=4),
+              dict(name='darts', genotype='DARTS_V1', layers=3, init_channels=4,
+                   cell_channels=(6, 12, 24))),
+    'wrn40': (dict(name='wrn', depth=10, widen_factor=1), None),
+}
+TOY_PAIRS['darts_teacher'] = (TOY_PAIRS['darts'][1], None)
 CIFAR_TRAIN_IMAGES = 50_000
 RECIPE_EPOCHS = 200
 
 
-def make_runner(pair: str, mode: str, batch_size: int, *, compute_dtype: str = 'float32'):
-  """The trainer's jitted step for ``pair`` (``mode`` 'student' or 'kd_at') on all devices.
+def make_runner(pair: str, mode: str, batch_size: int, *, compute_dtype: str = 'float32',
+                impl: str = 'auto', toy: bool = False):
+  """The trainer's jitted step for ``pair`` (``mode`` 'student' or 'kd_at') on all devices;
+  ``impl`` sets the DARTS networks' operations, ``toy`` takes :data:`TOY_PAIRS`.
 
   Returns ``(first_step_s, run)``: the first call's seconds (compilation included) and a
   function that runs one more step, waits for it and returns its seconds.
   """
-  student_cfg, teacher_cfg = PAIRS[pair]
+  student_cfg, teacher_cfg = (TOY_PAIRS if toy else PAIRS)[pair]
+  if student_cfg['name'] == 'darts':
+    student_cfg = {**student_cfg, 'impl': impl}
+    teacher_cfg = teacher_cfg and {**teacher_cfg, 'impl': impl}
   mesh = data_lib.make_mesh()
   shape = (1, 32, 32, 3)
   rng = np.random.default_rng(0)
@@ -88,10 +108,13 @@ def make_runner(pair: str, mode: str, batch_size: int, *, compute_dtype: str = '
   return run(), run
 
 
-def measure_pair(pair, batch_size, repeats):
-  result = {'pair': pair, 'batch': batch_size, 'devices': jax.device_count()}
-  for mode in ('student', 'kd_at') if PAIRS[pair][1] else ('student',):
-    compile_s, run = make_runner(pair, mode, batch_size)
+def measure_pair(pair, batch_size, repeats, *, compute_dtype='float32', impl='auto', toy=False,
+                 modes=('student', 'kd_at')):
+  result = {'pair': pair, 'batch': batch_size, 'devices': jax.device_count(),
+            'dtype': compute_dtype, 'impl': impl, 'toy': toy}
+  for mode in [m for m in modes if m == 'student' or PAIRS[pair][1]]:
+    compile_s, run = make_runner(pair, mode, batch_size, compute_dtype=compute_dtype, impl=impl,
+                                 toy=toy)
     step_s = statistics.median([run() for _ in range(repeats)])
     result[f'{mode}_compile_s'] = compile_s
     result[f'{mode}_step_s'] = step_s
@@ -110,7 +133,11 @@ def measure_pair(pair, batch_size, repeats):
 
 def main(argv):
   del argv
-  results = [measure_pair(p, FLAGS.batch, FLAGS.repeats) for p in FLAGS.pairs]
+  unknown = [p for p in FLAGS.pairs if p not in PAIRS]
+  if unknown:
+    raise app.UsageError(f'--pairs: {unknown[0]!r} is not a pair; use {", ".join(PAIRS)}')
+  results = [measure_pair(p, FLAGS.batch, FLAGS.repeats, compute_dtype=FLAGS.dtype,
+                          impl=FLAGS.impl, toy=FLAGS.toy, modes=FLAGS.modes) for p in FLAGS.pairs]
   for r in results:
     print(json.dumps(r, indent=1))
   if FLAGS.json:

@@ -13,12 +13,14 @@ machine load hits all variants alike. Reported: median seconds per step, images/
 step (compile) seconds, and every variant's images/s over the best PyTorch variant's.
 
 JAX variants (``distill_jax.trainers.steps.train_step``, the trainer's own step):
-  jax            XLA's default CPU setup: one device
+  jax            one device (XLA's default CPU setup; on a GPU, the GPU)
+  jax_bf16       the same with bfloat16 compute (float32 parameters)
   jax_cores      one XLA CPU device per core (``JAX_NUM_CPU_DEVICES``, the trainer's
                  ``--cpu_devices``), the batch sharded over them; README "Benchmarks" says why
   jax_cores_bf16 the same with bfloat16 compute (float32 parameters)
-PyTorch variants (``torch_kd_at.py``): torch_eager, torch_channels_last, torch_compile,
-torch_compile_channels_last.
+PyTorch variants (``torch_kd_at.py``, on CUDA when PyTorch sees it): torch_eager,
+torch_channels_last, torch_compile, torch_compile_channels_last, torch_amp_bf16 and
+torch_compile_amp_bf16 (autocast bfloat16).
 """
 
 from __future__ import annotations
@@ -36,9 +38,10 @@ JAX_VARIANTS = {
     'jax': ({}, 'float32'),
     'jax_cores': ({'cores_as_devices': True}, 'float32'),
     'jax_cores_bf16': ({'cores_as_devices': True}, 'bfloat16'),
+    'jax_bf16': ({}, 'bfloat16'),
 }
 TORCH_VARIANTS = ('torch_eager', 'torch_channels_last', 'torch_compile',
-                  'torch_compile_channels_last')
+                  'torch_compile_channels_last', 'torch_amp_bf16', 'torch_compile_amp_bf16')
 DEFAULT_VARIANTS = 'jax,jax_cores,torch_eager,torch_channels_last,torch_compile'
 
 
@@ -70,7 +73,8 @@ def worker(variant: str, batch: int) -> None:
 
 
 def _env(variant: str) -> dict:
-  env = dict(os.environ)
+  # Variants share an accelerator: none takes most of its memory up front.
+  env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE='false')
   options = JAX_VARIANTS.get(variant, ({}, None))[0]
   if options.get('cores_as_devices'):
     env['JAX_NUM_CPU_DEVICES'] = str(os.cpu_count())
