@@ -15,6 +15,7 @@ information reads activation gradients. :func:`init_variables` leaves it out.
 from __future__ import annotations
 
 import importlib
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -82,7 +83,7 @@ def init_variables(model: nn.Module, rng: jax.Array, input_shape: tuple[int, ...
 
 def count_params(params: Any) -> int:
   """Number of scalars in a parameter pytree (or in its shape structs)."""
-  return int(sum(int(jnp.size(x)) if hasattr(x, 'size') else 0 for x in jax.tree.leaves(params)))
+  return int(sum(math.prod(x.shape) if hasattr(x, 'shape') else 0 for x in jax.tree.leaves(params)))
 
 
 def param_shapes(model: nn.Module, input_shape: tuple[int, ...]) -> dict:

@@ -323,7 +323,7 @@ def architecture_gradient(setup: SearchSetup, losses: Losses, params: Any, buffe
   val_pass = losses.grads(w_prime, alphas, *val)
   v, dalpha = val_pass.grad
   # eps = fd_epsilon / ||v||; w+- = w +- eps v
-  eps = setup.fd_epsilon / jnp.maximum(optax.global_norm(v), 1e-30)
+  eps = setup.fd_epsilon / jnp.maximum(optax.tree.norm(v), 1e-30)
   g_plus = losses.grad_alphas(_axpy(eps, v, params), alphas, *train).grad
   g_minus = losses.grad_alphas(_axpy(-eps, v, params), alphas, *train).grad
   # d_alpha = grad_alpha L_val(w', alpha) - xi (g+ - g-) / (2 eps)
@@ -380,7 +380,7 @@ def scanned_passes(setup: SearchSetup, losses: Losses, params: Any, buffer: Any,
       c = {**c, 'dalpha': select(i == 0, ga, c['dalpha']),
            'val': select(i == 0, record, c['val'])}
     else:
-      eps = setup.fd_epsilon / jnp.maximum(optax.global_norm(gw), 1e-30)
+      eps = setup.fd_epsilon / jnp.maximum(optax.tree.norm(gw), 1e-30)
       hvp = jax.tree.map(lambda p, m: (p - m) / (2 * c['eps'].astype(p.dtype)), c['g_plus'], ga)
       finished = jax.tree.map(lambda d, h: d - lr.astype(h.dtype) * h, c['dalpha'], hvp)
       c = {**c, 'g_train': select(i == 0, gw, c['g_train']), 'v': select(i == 1, gw, c['v']),
@@ -457,9 +457,9 @@ def search_step(state: SearchState, train_batch: dict, val_batch: dict, *, setup
       'train_loss': train_pass.loss, 'train_top1_error': _top1_error(train_pass.logits, train[1]),
       'search_val_loss': val_pass.loss, 'search_val_top1_error': _top1_error(val_pass.logits,
                                                                              val[1]),
-      'learning_rate': lr, 'grad_norm': optax.global_norm(train_pass.grad),
-      'arch_grad_norm': optax.global_norm(dalpha),
-      'param_norm': optax.global_norm(params), 'alpha_norm': optax.global_norm(alphas)}
+      'learning_rate': lr, 'grad_norm': optax.tree.norm(train_pass.grad),
+      'arch_grad_norm': optax.tree.norm(dalpha),
+      'param_norm': optax.tree.norm(params), 'alpha_norm': optax.tree.norm(alphas)}
   new_state = state.replace(step=state.step + 1, params=params,
                             batch_stats=train_pass.batch_stats, opt_state=opt_state,
                             alphas=alphas, arch_opt_state=arch_opt_state)

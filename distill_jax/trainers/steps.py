@@ -125,8 +125,8 @@ def train_step(state: TrainState, batch: dict, teacher: dict | None, *, model: n
   top1, top5 = _topk_errors(logits, labels)
   metrics = {
       **terms, 'loss': loss, 'top1_error': top1.mean(), 'top5_error': top5.mean(),
-      'learning_rate': schedule(state.step), 'grad_norm': optax.global_norm(grads),
-      'param_norm': optax.global_norm(params)}
+      'learning_rate': schedule(state.step), 'grad_norm': optax.tree.norm(grads),
+      'param_norm': optax.tree.norm(params)}
   if teacher_logits is not None:
     metrics['teacher_agreement'] = jnp.mean(
         (logits.argmax(-1) == teacher_logits.argmax(-1)).astype(jnp.float32))
