@@ -216,8 +216,11 @@ def main() -> None:
       print(f'[{name}] up to {min(LIMITS[name], left):.0f} s', flush=True)
       result = run_part(name, commands[name], min(LIMITS[name], left), env)
       if name == 'pipeline' and 'missing' not in result:
-        result['projection'] = recipe_projection(
-            result, os.path.join(REPO, 'configs', 'darts_fisher.py'), args.dry)
+        try:
+          result['projection'] = recipe_projection(
+              result, os.path.join(REPO, 'configs', 'darts_fisher.py'), args.dry)
+        except Exception as e:  # pylint: disable=broad-except
+          result = {'missing': f'projection failed: {type(e).__name__}: {e}'}
     with lock:
       (missing if 'missing' in result else results)[name] = (
           result['missing'] if 'missing' in result else result)
