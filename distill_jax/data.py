@@ -36,11 +36,14 @@ IMAGE_SHAPES = {'digits': (8, 8, 1), 'cifar10': (32, 32, 3), 'cifar100': (32, 32
 DIGITS_TEST_SIZE = 360  # 20% of the 1,797 images
 DIGITS_SPLIT_SEED = 0
 
+# The datasets read through tensorflow-datasets (the ``cifar`` extra).
+TFDS_NAMES = ('cifar10', 'cifar100')
 CIFAR_EXTRA = "pip install 'distill_jax[cifar]'"
+BUILD_COMMAND = 'tfds build {name} --file_format=array_record --data_dir=DIR'
 PREPARE_HINT = (
     'prepare it once on a machine with internet: `' + CIFAR_EXTRA + ' tensorflow-cpu && '
-    'tfds build {name} --file_format=array_record --data_dir=DIR` (ArrayRecord: read '
-    'without TensorFlow), copy DIR here and set --config.data.data_dir=DIR')
+    + BUILD_COMMAND + '` (ArrayRecord: read without TensorFlow), copy DIR here and set '
+    '--config.data.data_dir=DIR')
 
 
 class DatasetNotFoundError(RuntimeError):
@@ -129,8 +132,8 @@ def _load_tfrecord(tfds, name: str, split: str, data_dir: str | None,
       raise not_prepared from e
     raise DatasetNotFoundError(
         f'dataset {name!r} in {where} is prepared as TFRecord, which needs TensorFlow to read: '
-        f'pip install tensorflow-cpu, or rebuild it as ArrayRecord: `tfds build {name} '
-        '--file_format=array_record --data_dir=DIR`') from e
+        'pip install tensorflow-cpu, or rebuild it as ArrayRecord: `'
+        + BUILD_COMMAND.format(name=name) + '`') from e
   try:
     ds = tfds.load(name, split=split, data_dir=data_dir, download=False, as_supervised=True,
                    batch_size=10_000)

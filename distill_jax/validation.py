@@ -86,7 +86,8 @@ def check_model(model_config: ml_collections.ConfigDict, field: str = 'model') -
 def check_dataset(config: ml_collections.ConfigDict) -> None:
   """``data.name`` is a known dataset, and what reads it is installed."""
   check_choice(config, 'data.name', sorted(data_lib.NUM_CLASSES))
-  _check(config.data.name == 'digits' or importlib.util.find_spec('tensorflow_datasets') is not None,
+  _check(config.data.name not in data_lib.TFDS_NAMES
+         or importlib.util.find_spec('tensorflow_datasets') is not None,
          'data.name', config.data.name,
          f'it is read through tensorflow-datasets, which is not installed: {data_lib.CIFAR_EXTRA}')
 
