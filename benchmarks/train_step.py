@@ -5,12 +5,14 @@ r"""Images/s of the jitted train step: a student alone and a KD + AT student wit
 
 Pairs: ``wrn`` (WRN-16-2 student, WRN-40-2 teacher) and ``darts`` (DARTS_V1 10-cell,
 C=16 student; a teacher of the same genotype with every cell's channels scaled so it has
-about 2x the parameters); ``darts_teacher`` (that teacher alone); ``wrn40`` (WRN-40-2 alone, whose step time gives
+about 2x the parameters); ``darts_teacher`` (that teacher alone); ``wrn40`` (WRN-40-2
+alone, whose step time gives
 ``recipe_200_epochs_minutes``: 200 CIFAR-10 epochs of 50,000 images at ``--batch``, plus
 one compilation, without evaluation). CIFAR-sized inputs (32x32x3), steady state after compilation
 (median over ``--repeats`` steps, each waited for), compile time separately, peak device
 memory where the backend reports it. ``--dtype=bfloat16`` computes in bfloat16,
-``--impl`` picks the DARTS operations, ``--toy`` shrinks every network for a CPU smoke run. The step is the trainer's own
+``--impl`` picks the DARTS operations, ``--toy`` shrinks every network for a CPU smoke run.
+The step is the trainer's own
 (``distill_jax.trainers.steps.train_step``: augmentation, forward, loss, backward, SGD update).
 """
 
@@ -133,6 +135,9 @@ def measure_pair(pair, batch_size, repeats, *, compute_dtype='float32', impl='au
 
 def main(argv):
   del argv
+  bad_modes = [m for m in FLAGS.modes if m not in ('student', 'kd_at')]
+  if bad_modes:
+    raise app.UsageError(f'--modes: {bad_modes[0]!r} is not a mode; use student, kd_at')
   unknown = [p for p in FLAGS.pairs if p not in PAIRS]
   if unknown:
     raise app.UsageError(f'--pairs: {unknown[0]!r} is not a pair; use {", ".join(PAIRS)}')
