@@ -43,6 +43,7 @@ def get_config(arg: str = ''):
   c.job = 'darts_fisher'
   c.seeds = (0, 1, 2)
   c.teachers = ('depth', 'uniform', 'fisher')
+  config_lib.experiment_fields(c)
 
   # The student and the recipe every run copies (teachers change only the model).
   c.run = config_lib.experiment_run(model='darts_v1_10', method='at')

@@ -86,8 +86,7 @@ def search_config() -> ml_collections.ConfigDict:
                                     # compiled step (shorter CPU compile, slower step)
 
   c.log_every_steps = 50
-  c.checkpoint_every_steps = 500
-  c.keep_checkpoints = 3
+  config_lib.workdir_fields(c, checkpoint_every_steps=500)
   c.plot_every_epoch = False        # also redraw the pictures after every epoch
   c.num_devices = 0                 # 0 = every device of every process
   return c

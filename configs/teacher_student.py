@@ -38,6 +38,8 @@ def get_config(arg: str = ''):
   c.seeds = (0, 1, 2)
   c.demo_networks = False          # use config_lib.DEMO_NETWORKS stand-ins
   c.darts_drop_path_prob = 0.2     # drop path of the DARTS runs (other families have none)
+  c.shard_wait_timeout_s = 86400.0  # a shard waits this long for a teacher another trains
+  config_lib.experiment_fields(c)
   # The recipe every run copies (its model, seed and teacher are set per run).
   c.run = config_lib.experiment_run(method='at')
   if 'demo' in variants:

@@ -89,9 +89,20 @@ def train_config() -> ml_collections.ConfigDict:
 
   c.log_every_steps = 100
   c.eval_every_steps = 0           # 0 = once per epoch
-  c.checkpoint_every_steps = 1000
-  c.keep_checkpoints = 3
+  workdir_fields(c)
   c.num_devices = 0                # 0 = every device of every process
+  return c
+
+
+def workdir_fields(c: ml_collections.ConfigDict, *, checkpoint_every_steps: int = 1000
+                   ) -> ml_collections.ConfigDict:
+  """How a run keeps its workdir: checkpoint cadence and the changes a resume accepts."""
+  c.checkpoint_every_steps = checkpoint_every_steps
+  c.checkpoint_every_seconds = 0.0  # also save after this much wall time (0 = off)
+  c.keep_checkpoints = 3
+  # Comma-separated fields (or sections) a resume may change, e.g. 'num_epochs' to extend a
+  # finished run; any other difference from WORKDIR/config.json is refused.
+  c.allow_resume_changes = ''
   return c
 
 
@@ -125,6 +136,7 @@ def distill_fields(c: ml_collections.ConfigDict, *, teacher: str = 'wrn_40_2',
   c.distill = distill_section(method)
   c.distill.teacher_model = network(teacher, num_classes=c.model.num_classes)
   c.distill.teacher_workdir = ''
+  c.distill.teacher_allow_unfinished = False  # True: a teacher run without results.json
   return c
 
 
@@ -138,11 +150,20 @@ def experiment_run(*, model: str | None = None, method: str = 'at') -> ml_collec
   c = train_config()
   del c['job']
   del c['seed']
+  del c['allow_resume_changes']  # the experiment's own field names what each run may change
   if model is None:
     del c['model']
   else:
     c.model = network(model)
   c.distill = distill_section(method)
+  return c
+
+
+def experiment_fields(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The fields of an experiment made of runs (the grid, the pipeline) beside ``run``."""
+  # Comma-separated fields a rerun may change (e.g. 'run.num_epochs': finished runs are then
+  # extended); seeds and teachers may always be added.
+  c.allow_resume_changes = ''
   return c
 
 

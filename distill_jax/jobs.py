@@ -13,14 +13,18 @@ from distill_jax import data as data_lib
 from distill_jax import validation
 from distill_jax.experiments import darts_fisher
 from distill_jax.experiments import grid
+from distill_jax.experiments import runs
 from distill_jax.options import JobOptions
+from distill_jax.trainers import checkpoint as ckpt_lib
 from distill_jax.trainers import loop
 from distill_jax.trainers import search
 from distill_jax.trainers import teacher as teacher_lib
 from distill_jax.trainers import train as train_lib
+from distill_jax.trainers import workdir as workdir_lib
 
 USER_ERRORS = (validation.ConfigError, data_lib.DatasetNotFoundError, loop.NonFiniteLossError,
-               teacher_lib.TeacherError, FileNotFoundError)
+               teacher_lib.TeacherError, FileNotFoundError, workdir_lib.WorkdirError,
+               ckpt_lib.CheckpointError, runs.WaitTimeout)
 
 
 class _DropLibraryChatter:

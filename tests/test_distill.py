@@ -62,6 +62,7 @@ def test_distilled_student_ends_closer_to_its_teacher(teacher_dir, tmp_path):
     jobs.run(config, workdir)
     # Score both students against the same teacher (the baseline never saw it).
     scored = tiny_distill_config('kd_at', teacher_workdir=teacher_dir)
+    scored.allow_resume_changes = 'distill'  # score the baseline against the teacher too
     scores[method] = train_lib.evaluate(scored, workdir, teacher=teacher)
   assert scores['kd_at']['test_at_distance'] < 0.8 * scores['none']['test_at_distance']
   assert scores['kd_at']['test_teacher_agreement'] > scores['none']['test_teacher_agreement']

@@ -81,9 +81,13 @@ def test_evaluate_scores_the_latest_checkpoint(trained):
 def test_finished_workdir_trains_nothing_new(trained):
   config, workdir, results = trained
   params_before, _, _ = restore_params(workdir)
+  results_file = os.path.join(workdir, 'results.json')
+  mtime = os.stat(results_file).st_mtime_ns
   again = train_lib.train_and_evaluate(config, workdir)
-  assert again['resumed_from_step'] == 88
+  # The same config on a finished workdir: its results, not recomputed or rewritten.
+  assert again['wall_time_s'] == results['wall_time_s']
   assert again['test_top1_error'] == results['test_top1_error']
+  assert os.stat(results_file).st_mtime_ns == mtime
   params_after, _, step = restore_params(workdir)
   assert step == 88
   jax.tree.map(np.testing.assert_array_equal, params_before, params_after)

@@ -28,6 +28,7 @@ from distill_jax import config_lib
 from distill_jax import validation
 from distill_jax.trainers import loop
 from distill_jax.trainers import train
+from distill_jax.trainers import workdir as workdir_lib
 
 NO_TEACHER = 'N/A'
 
@@ -54,7 +55,13 @@ class Task:
   row: bool = False
 
   def done(self) -> bool:
-    return is_done(self.path)
+    """Finished; for a run with a known config, finished under that config (a run whose
+    allowed fields changed, e.g. ``num_epochs``, is not done: it resumes)."""
+    if not is_done(self.path):
+      return False
+    if self.is_run and self.config is not None:
+      return workdir_lib.check_config(self.path, self.config) in (None, [])
+    return True
 
   def results(self) -> dict:
     return loop.read_json(os.path.join(self.path, loop.RESULTS_FILE))
@@ -69,14 +76,17 @@ def is_done(path: str) -> bool:
 
 def run_config(run: ml_collections.ConfigDict, *, model: dict, seed: int,
                teacher_model: dict | None = None, teacher_workdir: str = '',
-               drop_path_prob: float | None = None) -> ml_collections.ConfigDict:
+               drop_path_prob: float | None = None,
+               allow_resume_changes: str = '') -> ml_collections.ConfigDict:
   """One run's config: a copy of the experiment's ``config.run`` with ``model`` and
   ``seed``; with ``teacher_model``, a distillation from the teacher in
   ``teacher_workdir`` by ``run.distill``'s method, else training alone (no ``distill``
-  section). ``drop_path_prob``, when given, sets the DARTS drop path of this run."""
+  section). ``drop_path_prob``, when given, sets the DARTS drop path of this run;
+  ``allow_resume_changes`` is the experiment's (names under ``run.`` apply to the run)."""
   c = copy.deepcopy(run)
   with c.unlocked():
     c.seed = seed
+    c.allow_resume_changes = run_changes(allow_resume_changes)
     if 'model' in c:  # replaced whole (not merged), whatever the type of the old one
       del c['model']
     c.model = ml_collections.ConfigDict(dict(model))
@@ -90,8 +100,40 @@ def run_config(run: ml_collections.ConfigDict, *, model: dict, seed: int,
       c.job = 'distill'
       c.distill.teacher_model = ml_collections.ConfigDict(dict(teacher_model))
       c.distill.teacher_workdir = teacher_workdir
+      c.distill.teacher_allow_unfinished = False  # an experiment's teachers always finish
   c.lock()
   return c
+
+
+def run_changes(allow_resume_changes: str) -> str:
+  """The part of an experiment's ``allow_resume_changes`` that names ``run.`` fields, as
+  the runs' own (``'run.num_epochs,seeds'`` -> ``'num_epochs'``)."""
+  names = [n.strip() for n in (allow_resume_changes or '').split(',')]
+  return ','.join(n[len('run.'):] for n in names if n.startswith('run.'))
+
+
+# What an experiment may always change on a rerun: more seeds, teachers or students.
+EXTENDABLE = ('seeds', 'teachers', 'students')
+
+
+def holds_runs(tasks: Iterable[Task]) -> bool:
+  return any(os.path.exists(os.path.join(t.path, workdir_lib.CONFIG_FILE)) or t.done()
+             for t in tasks if t.is_run)
+
+
+def check_experiment(config: ml_collections.ConfigDict, workdir: str, tasks: Sequence[Task], *,
+                     record: bool) -> None:
+  """The experiment's config against the one its workdir recorded (seeds, teachers and
+  students may be added; other fields only if ``allow_resume_changes`` names them);
+  ``record`` writes it."""
+  workdir_lib.check_config(workdir, config, extendable=EXTENDABLE, holds_state=holds_runs(tasks))
+  if record:
+    workdir_lib.record_config(workdir, config)
+
+
+def lock_name(shard: int, num_shards: int) -> str:
+  """One lock per shard: shards share the experiment's workdir, each run has its own."""
+  return workdir_lib.LOCK_FILE if num_shards == 1 else f'shard{shard}of{num_shards}.lock'
 
 
 def validate_runs(tasks: Iterable[Task]) -> None:
@@ -105,21 +147,31 @@ def validate_runs(tasks: Iterable[Task]) -> None:
       raise validation.ConfigError(f'{task.name}: {e}') from None
 
 
+class WaitTimeout(TimeoutError):
+  """A shard waited too long for a run another shard was to do."""
+
+
 def run_tasks(tasks: Sequence[Task], *, shard: int = 0, num_shards: int = 1,
-              wait_seconds: float = 30.0) -> list[str]:
+              wait_seconds: float = 30.0, wait_timeout_s: float = 86400.0) -> list[str]:
   """Computes this shard's tasks (``group % num_shards == shard``) that are not done, in
   order; returns their names. A task whose prerequisite belongs to another shard waits
-  for it."""
+  for it, at most ``wait_timeout_s`` (then :class:`WaitTimeout`, one line)."""
   computed = []
   for i, task in enumerate(tasks):
     if task.group % num_shards != shard or task.done():
       continue
     for need in task.needs:
+      deadline = time.monotonic() + wait_timeout_s
       while not is_done(need):
         if num_shards == 1:
           raise RuntimeError(f'{task.name} needs {need}, which is not done')
+        if time.monotonic() >= deadline:
+          raise WaitTimeout(
+              f'{task.name} waited {wait_timeout_s:g} s for {need}, which another shard trains '
+              'and has not finished; check that shard (rerun it if it died), or raise '
+              'config.shard_wait_timeout_s')
         logging.info('%s waits for %s', task.name, need)
-        time.sleep(wait_seconds)
+        time.sleep(max(min(wait_seconds, deadline - time.monotonic()), 0.0))
     logging.info('Task %d/%d: %s -> %s', i + 1, len(tasks), task.name, task.path)
     task.compute()
     computed.append(task.name)
@@ -161,14 +213,12 @@ def write_report(rows: list[dict], workdir: str, *, title: str,
              *(fn(r) for fn in extra_columns.values()), str(r['seeds'])]
     lines.append('| ' + ' | '.join(cells) + ' |')
   markdown = '\n'.join(lines) + '\n'
-  with open(os.path.join(workdir, 'report.md'), 'w') as f:
-    f.write(markdown)
+  loop.write_text(os.path.join(workdir, 'report.md'), markdown)
   buf = io.StringIO()
   writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ['teacher'])
   writer.writeheader()
   writer.writerows(rows)
-  with open(os.path.join(workdir, 'report.csv'), 'w') as f:
-    f.write(buf.getvalue())
+  loop.write_text(os.path.join(workdir, 'report.csv'), buf.getvalue())
   return markdown
 
 

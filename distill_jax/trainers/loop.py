@@ -12,7 +12,10 @@ call these as one-liners (big_vision ``utils`` style):
   do, but importing them imports TensorFlow, which the core does not install; these
   writers keep clu's method names (``write_scalars``, ``write_hparams``, ``flush``,
   ``close``), so a clu ``MetricWriter`` can stand in for any of them;
-* :func:`write_json` writes atomically; :func:`write_results` adds the versions.
+* :class:`StopSignals` turns SIGTERM and SIGINT into "save now, then stop"
+  (:class:`Stopped`), and asks for time-based saves (``checkpoint_every_seconds``);
+* :func:`write_json` and :func:`write_text` write atomically; :func:`write_results` adds
+  the versions.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import json
 import math
 import os
 import platform
+import signal
+import threading
 import time
 from typing import Any, Sequence
 
@@ -39,7 +44,80 @@ METRICS_FILE = 'metrics.jsonl'
 
 
 class NonFiniteLossError(FloatingPointError):
-  """A loss or norm became NaN or infinite; no checkpoint of the diverged state was written."""
+  """A loss or norm became NaN or infinite (at ``step``); no checkpoint of the diverged
+  state was written."""
+
+  def __init__(self, message: str, *, step: int):
+    super().__init__(message)
+    self.step = step
+
+
+class Stopped(Exception):
+  """A run stopped by a signal after saving its checkpoint; ``exit_code`` is 128 + the
+  signal's number, as a shell reports a process ended by that signal."""
+
+  def __init__(self, signum: int, step: int | None = None, checkpoint_dir: str = ''):
+    self.exit_code = 128 + signum
+    name = signal.Signals(signum).name
+    if step is None:
+      where = 'between training steps (every finished checkpoint and result is kept)'
+    else:
+      where = f'at step {step}: checkpoint saved in {checkpoint_dir}'
+    super().__init__(f'stopped by {name} {where}; rerun the same command to resume')
+
+
+def raise_stopped(signum, frame) -> None:
+  """A signal handler for outside the training loops: stop where the program is."""
+  del frame
+  raise Stopped(signum)
+
+
+class StopSignals:
+  """``with StopSignals(every_seconds) as stop:`` in a training loop.
+
+  While inside, SIGTERM (what SLURM and preemptible VMs send) and SIGINT (Ctrl-C) only
+  set :attr:`signum`: the loop finishes the step in flight, saves and raises
+  :class:`Stopped`. :meth:`save_due` is also true once ``every_seconds`` (> 0) passed
+  since the last save. With several processes the decision is agreed by all (one tiny
+  all-gather per step), so every process saves the same step. Outside the main thread
+  signals are left alone.
+  """
+
+  def __init__(self, every_seconds: float = 0.0):
+    self.every_seconds = float(every_seconds or 0.0)
+    self.signum: int | None = None
+    self._previous: dict[int, Any] = {}
+    self._last_save = time.monotonic()
+
+  def _handle(self, signum, frame) -> None:
+    del frame
+    self.signum = self.signum or signum
+
+  def __enter__(self) -> 'StopSignals':
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous.clear()
+
+  def save_due(self) -> bool:
+    """Whether to save now: a stop was asked for, or the save interval passed."""
+    local = int(self.signum or 0) * 2 + int(
+        bool(self.every_seconds) and time.monotonic() - self._last_save >= self.every_seconds)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      gathered = np.asarray(multihost_utils.process_allgather(np.int32(local)))
+      stops = [int(v) // 2 for v in gathered.reshape(-1) if int(v) // 2]
+      self.signum = self.signum or (stops[0] if stops else None)
+      local = int(gathered.max())
+    return bool(local)
+
+  def saved(self) -> None:
+    self._last_save = time.monotonic()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +177,7 @@ class PendingMetrics:
           raise NonFiniteLossError(
               f'{key} is {float(value)} at step {step} (steps {self._pending[0][0]}-'
               f'{self._pending[-1][0]} checked; last checkpointable state: step {last_good}); '
-              f'{self._hint}. No checkpoint of the diverged state was written.')
+              f'{self._hint}. No checkpoint of the diverged state was written.', step=step)
 
   def summary(self, step: int, *, prefix: str = '') -> dict[str, float]:
     """The mean of every pending metric (``prefix`` + name) and ``steps_per_sec`` since the
@@ -130,10 +208,14 @@ class LoggingWriter:
 
 
 class TensorBoardWriter:
-  """TensorBoard event files in ``logdir`` (tensorboardX: no TensorFlow needed)."""
+  """TensorBoard event files in ``logdir`` (tensorboardX: no TensorFlow needed).
 
-  def __init__(self, logdir: str):
-    self._writer = tensorboardX.SummaryWriter(logdir)
+  ``purge_step``: on a resume, the first step trained again; TensorBoard then drops the
+  events of the killed run from that step on, so no step appears twice.
+  """
+
+  def __init__(self, logdir: str, purge_step: int | None = None):
+    self._writer = tensorboardX.SummaryWriter(logdir, purge_step=purge_step)
 
   def write_scalars(self, step: int, scalars) -> None:
     for key, value in scalars.items():
@@ -151,10 +233,21 @@ class TensorBoardWriter:
 
 
 class JsonlWriter:
-  """Appends one JSON object (``step`` and the scalars) per ``write_scalars`` call."""
+  """Appends one JSON object (``step`` and the scalars) per ``write_scalars`` call.
 
-  def __init__(self, path: str):
+  ``resume_step``: the checkpoint a run resumes from; rows after it (written by the
+  killed run after its last checkpoint, and about to be written again) are dropped.
+  """
+
+  def __init__(self, path: str, resume_step: int | None = None):
     self._path = path
+    if resume_step is not None and os.path.exists(path):
+      with open(path) as f:
+        lines = f.readlines()
+      kept = [line for line in lines if _row_step(line) is not None
+              and _row_step(line) <= resume_step]
+      if len(kept) != len(lines):
+        write_text(path, ''.join(kept))
 
   def write_scalars(self, step: int, scalars) -> None:
     row = {'step': int(step), **{k: float(v) for k, v in scalars.items()}}
@@ -194,12 +287,23 @@ class MultiWriter:
       w.close()
 
 
-def create_writer(workdir: str) -> MultiWriter:
-  """Console + TensorBoard events + ``metrics.jsonl`` on process 0; console elsewhere."""
+def _row_step(line: str) -> int | None:
+  try:
+    return int(json.loads(line)['step'])
+  except (ValueError, KeyError, TypeError):
+    return None  # a line cut by a kill
+
+
+def create_writer(workdir: str, resume_step: int | None = None) -> MultiWriter:
+  """Console + TensorBoard events + ``metrics.jsonl`` on process 0; console elsewhere.
+
+  ``resume_step``: the step a resumed run restarts from (its rows after that step go).
+  """
   if jax.process_index() != 0:
     return MultiWriter([LoggingWriter()])
-  return MultiWriter([LoggingWriter(), TensorBoardWriter(workdir),
-                      JsonlWriter(os.path.join(workdir, METRICS_FILE))])
+  purge = None if resume_step is None else resume_step + 1
+  return MultiWriter([LoggingWriter(), TensorBoardWriter(workdir, purge_step=purge),
+                      JsonlWriter(os.path.join(workdir, METRICS_FILE), resume_step)])
 
 
 def _jsonable(x: Any) -> Any:
@@ -217,6 +321,14 @@ def write_json(path: str, obj: Any) -> None:
   tmp = f'{path}.tmp{os.getpid()}'
   with open(tmp, 'w') as f:
     json.dump(obj, f, indent=2, sort_keys=True, default=_jsonable)
+  os.replace(tmp, path)
+
+
+def write_text(path: str, text: str) -> None:
+  """Writes ``text`` to ``path`` atomically."""
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'w') as f:
+    f.write(text)
   os.replace(tmp, path)
 
 

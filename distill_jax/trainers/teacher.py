@@ -12,6 +12,7 @@ import numpy as np
 
 from distill_jax import models
 from distill_jax.trainers import checkpoint as ckpt_lib
+from distill_jax.trainers.loop import RESULTS_FILE
 
 
 class TeacherError(ValueError):
@@ -26,12 +27,18 @@ class Teacher:
   source: str = ''
 
 
-def _checkpoint_item(path: str) -> str:
+def _checkpoint_item(path: str, *, allow_unfinished: bool = False) -> str:
   """The orbax item folder for a run's workdir or a ``checkpoints/STEP`` folder."""
   path = os.path.abspath(os.path.expanduser(path))
   if os.path.isdir(os.path.join(path, 'default')):  # WORKDIR/checkpoints/STEP
     return os.path.join(path, 'default')
   step = ckpt_lib.latest_step(path)
+  if step is not None and not allow_unfinished and not os.path.exists(
+      os.path.join(path, RESULTS_FILE)):
+    raise TeacherError(
+        f'distill.teacher_workdir={path!r} holds an unfinished run (no {RESULTS_FILE}; latest '
+        f'checkpoint: step {step}); finish training it, or set '
+        'distill.teacher_allow_unfinished=True to distil from its latest checkpoint')
   if step is None:
     raise TeacherError(
         f'distill.teacher_workdir={path!r} holds no checkpoint (looked in '
@@ -57,16 +64,27 @@ def check_variables_match(expected: dict, found: dict, *, source: str) -> None:
 
 
 def load_teacher(model_config: dict, path: str, input_shape: tuple[int, ...], *,
-                 dtype: Any = None) -> Teacher:
+                 dtype: Any = None, allow_unfinished: bool = False) -> Teacher:
   """Restores ``{'params', 'batch_stats'}`` of the run in ``path`` for ``model_config``.
 
-  ``path`` is a workdir (its latest checkpoint) or one ``WORKDIR/checkpoints/STEP``
-  folder. ``input_shape`` is an NHWC shape of the data, e.g. ``(1, 32, 32, 3)``;
+  ``path`` is a finished run's workdir (its last checkpoint; with ``allow_unfinished``,
+  the latest checkpoint of a run still training) or one ``WORKDIR/checkpoints/STEP``
+  folder; the restored arrays are checked against their recorded checksums. ``input_shape`` is an NHWC shape of the data, e.g. ``(1, 32, 32, 3)``;
   ``dtype`` the teacher's compute dtype (default float32).
   """
   model = models.create_model(**model_config, **({'dtype': dtype} if dtype is not None else {}))
-  item = _checkpoint_item(path)
-  restored = ckpt_lib.restore_local(item)
+  item = _checkpoint_item(path, allow_unfinished=allow_unfinished)
+  try:
+    restored = ckpt_lib.restore_local(item)
+  except Exception as e:  # truncated or deleted files: orbax and tensorstore errors
+    raise TeacherError(f'teacher checkpoint {item} cannot be restored: '
+                       f'{ckpt_lib.one_line(e)}') from None
+  step_dir = os.path.dirname(item)
+  problem = ckpt_lib.verify(os.path.dirname(os.path.dirname(step_dir)),
+                            int(os.path.basename(step_dir)), restored) if os.path.basename(
+                                step_dir).isdigit() else None
+  if problem:
+    raise TeacherError(f'teacher checkpoint {item} is damaged: {problem}')
   variables = {'params': restored['params'], 'batch_stats': restored.get('batch_stats', {})}
   check_variables_match(models.param_shapes(model, input_shape), variables,
                         source=f'teacher checkpoint {item} (distill.teacher_model)')

@@ -5,8 +5,10 @@ and resumes automatically from the latest complete checkpoint in ``workdir``; a
 killed run repeats the uninterrupted one exactly. :func:`evaluate` scores the latest
 checkpoint of a workdir.
 
-Files in ``workdir``: ``checkpoints/`` (orbax), TensorBoard events, ``metrics.jsonl``
-(one JSON object per log or eval point) and, at the end, ``results.json``.
+Files in ``workdir``: ``config.json`` (the effective config and code version, written at
+the first checkpoint), ``checkpoints/`` (orbax) with ``checksums/``, TensorBoard events,
+``metrics.jsonl`` (one JSON object per log or eval point) and, at the end,
+``results.json``; ``workdir.lock`` while a process trains there.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from distill_jax.trainers import loop
 from distill_jax.trainers import optim
 from distill_jax.trainers import steps as steps_lib
 from distill_jax.trainers import teacher as teacher_lib
+from distill_jax.trainers import workdir as workdir_lib
 from distill_jax.trainers.teacher import Teacher
 
 TEACHER_SUBDIR = 'teacher'
@@ -118,26 +121,51 @@ def evaluate_splits(run: Run, state: steps_lib.TrainState) -> dict[str, float]:
   return values
 
 
+def _finished(workdir: str) -> dict[str, Any] | None:
+  path = os.path.join(workdir, loop.RESULTS_FILE)
+  return loop.read_json(path) if os.path.exists(path) else None
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        teacher: Teacher | None = None,
                        initial_variables: dict | None = None) -> dict[str, Any]:
   """Trains ``config.model`` on ``config.data``; resumes from ``workdir``; returns results.
 
   With ``teacher``, the student learns under ``config.distill`` against the frozen
-  teacher, which is not checkpointed (it is loaded again on resume).
+  teacher, which is not checkpointed (it is loaded again on resume). The workdir is
+  locked while training, and its recorded config must match (:mod:`workdir
+  <distill_jax.trainers.workdir>`); a finished run with the same config is not redone.
+  SIGTERM or SIGINT save a checkpoint after the step in flight and raise
+  :class:`~distill_jax.trainers.loop.Stopped`.
   """
   start_time = time.time()
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  run = build_run(config, teacher=teacher, initial_variables=initial_variables)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = workdir_lib.prepare(workdir)
+  with workdir_lib.Lock(workdir):
+    changes = workdir_lib.check_config(workdir, config)
+    done = _finished(workdir)
+    if done is not None and changes == []:
+      logging.info('%s has finished already with this config (test top-1 error %.2f%%); '
+                   'nothing to do.', workdir, 100 * done.get('test_top1_error', float('nan')))
+      return done
+    run = build_run(config, teacher=teacher, initial_variables=initial_variables)
+    return _train(run, workdir, start_time, finished=done)
 
+
+def _train(run: Run, workdir: str, start_time: float, *, finished: dict | None) -> dict[str, Any]:
+  config = run.config
   manager = ckpt_lib.make_manager(workdir, keep=config.keep_checkpoints)
-  state, restored_step = ckpt_lib.restore_latest(manager, run.state)
+  state, restored_step = ckpt_lib.restore_latest(manager, run.state, workdir)
   first_step = int(jax.device_get(state.step))
   if restored_step is not None:
     logging.info('Resumed from %s at step %d.', ckpt_lib.checkpoint_dir(workdir), first_step)
+  if finished is not None and first_step >= run.num_train_steps:
+    workdir_lib.record_config(workdir, config)
+    logging.info('%s has finished its %d steps; the changed fields train nothing more.',
+                 workdir, run.num_train_steps)
+    manager.close()
+    return finished
 
-  writer = loop.create_writer(workdir)
+  writer = loop.create_writer(workdir, resume_step=restored_step)
   if first_step == 0:
     writer.write_hparams(loop.flatten(config.to_dict()))
   cadence = loop.Cadence(run.num_train_steps, log_every=config.log_every_steps,
@@ -148,37 +176,52 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                run.mesh.size)
 
   pending = loop.PendingMetrics(first_step, finite_keys=('loss', 'param_norm'),
-                                hint='lower optimizer.learning_rate or check the data')
+                                hint='lower optimizer.learning_rate (and allow it with '
+                                '--config.allow_resume_changes=optimizer.learning_rate) or '
+                                'check the data')
   last_saved = first_step
   train_seconds = 0.0
   final = None
-  try:
-    for step in range(first_step + 1, run.num_train_steps + 1):
-      t0 = time.time()
-      idx = data_lib.train_indices(config.seed, step - 1, num_examples=run.data.num_examples('train'),
-                                   batch_size=config.batch_size)
-      state, metrics = run.train_step(state, run.data.batch('train', idx), run.teacher_variables)
-      pending.add(step, metrics)
-      train_seconds += time.time() - t0
+  with loop.StopSignals(config.checkpoint_every_seconds) as stop:
+    try:
+      for step in range(first_step + 1, run.num_train_steps + 1):
+        t0 = time.time()
+        idx = data_lib.train_indices(config.seed, step - 1,
+                                     num_examples=run.data.num_examples('train'),
+                                     batch_size=config.batch_size)
+        state, metrics = run.train_step(state, run.data.batch('train', idx), run.teacher_variables)
+        pending.add(step, metrics)
+        train_seconds += time.time() - t0
 
-      if cadence.log(step) or cadence.save(step):
-        pending.check_finite(last_saved)
-      if cadence.log(step):
-        values = pending.summary(step, prefix='train_')
-        writer.write_scalars(step, {**values, 'epoch': step / run.steps_per_epoch})
-      if cadence.eval(step):
-        values = evaluate_splits(run, state)
-        writer.write_scalars(step, values)
-        final = values if cadence.is_last(step) else None
-      if cadence.save(step):
-        manager.save(step, args=ckpt_lib.ocp.args.StandardSave(state))
-        last_saved = step
-  finally:  # a failed run still completes the (finite) saves it began
-    manager.wait_until_finished()
+        save = cadence.save(step) or stop.save_due()
+        if cadence.log(step) or save:
+          pending.check_finite(last_saved)
+        if cadence.log(step) or stop.signum:
+          values = pending.summary(step, prefix='train_')
+          writer.write_scalars(step, {**values, 'epoch': step / run.steps_per_epoch})
+        if cadence.eval(step):
+          values = evaluate_splits(run, state)
+          writer.write_scalars(step, values)
+          final = values if cadence.is_last(step) else None
+        if save:
+          if last_saved == first_step:
+            workdir_lib.record_config(workdir, config)
+          ckpt_lib.save(manager, workdir, step, state)
+          last_saved = step
+          stop.saved()
+        if stop.signum:
+          ckpt_lib.wait(manager, workdir)
+          writer.close()
+          raise loop.Stopped(stop.signum, step, ckpt_lib.checkpoint_dir(workdir))
+    except loop.NonFiniteLossError as e:
+      raise ckpt_lib.after_divergence(manager, workdir, e, config.log_every_steps) from None
+    finally:  # a failed run still completes the (finite) saves it began
+      ckpt_lib.wait(manager, workdir)
   writer.close()
 
   if final is None:  # nothing left to train: the workdir already held the last step
     final = evaluate_splits(run, state)
+  workdir_lib.record_config(workdir, config)
   results = loop.write_results(workdir, {
       **final, 'num_params': run.num_params,
       'steps': run.num_train_steps, 'epochs': config.num_epochs, 'resumed_from_step': restored_step,
@@ -190,13 +233,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
              teacher: Teacher | None = None) -> dict[str, Any]:
-  """Scores the latest checkpoint in ``workdir`` on the test split (and val, if any)."""
+  """Scores the latest checkpoint in ``workdir`` on the test split (and val, if any);
+  refuses a workdir recorded under another config."""
+  workdir = workdir_lib.prepare(workdir)
+  workdir_lib.check_config(workdir, config)
+  if ckpt_lib.latest_step(workdir) is None:
+    raise FileNotFoundError(f'no checkpoint in {ckpt_lib.checkpoint_dir(workdir)} to evaluate')
   run = build_run(config, teacher=teacher)
   manager = ckpt_lib.make_manager(workdir, keep=config.keep_checkpoints)
-  state, step = ckpt_lib.restore_latest(manager, run.state)
+  state, step = ckpt_lib.restore_latest(manager, run.state, workdir, move_rejected=False)
   manager.close()
-  if step is None:
-    raise FileNotFoundError(f'no checkpoint in {ckpt_lib.checkpoint_dir(workdir)} to evaluate')
   results = {'step': step, 'num_params': run.num_params, **evaluate_splits(run, state)}
   if jax.process_index() == 0:
     loop.write_json(os.path.join(workdir, 'eval_results.json'), results)
@@ -213,6 +259,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     validation.validate_distill_config(config)
   else:
     validation.validate_train_config(config)
+  validation.check_non_negative(config, 'checkpoint_every_seconds')
+  workdir_lib.check_allowed_names(config)
 
 
 def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -241,7 +289,8 @@ def load_run_teacher(config: ml_collections.ConfigDict, workdir: str, *,
       train_and_evaluate(teacher_config(config), teacher_dir)
   shape = (1, *data_lib.IMAGE_SHAPES[config.data.name])
   teacher = teacher_lib.load_teacher(config.distill.teacher_model, teacher_dir, shape,
-                                     dtype=models.compute_dtype(config.compute_dtype))
+                                     dtype=models.compute_dtype(config.compute_dtype),
+                                     allow_unfinished=config.distill.teacher_allow_unfinished)
   logging.info('Teacher %s loaded from %s.', config.distill.teacher_model.name, teacher.source)
   return teacher
 
