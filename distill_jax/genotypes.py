@@ -20,6 +20,7 @@ The JSON shape matches the one used by the authors' release::
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from typing import Any, Mapping, NamedTuple, Sequence, Union
@@ -203,9 +204,26 @@ def save_genotype(path: str | os.PathLike, g: Genotype) -> None:
 
 
 def load_genotype(path: str | os.PathLike) -> Genotype:
-  """Reads a genotype JSON file written by :func:`save_genotype` (or by hand)."""
-  with open(path) as f:
-    return genotype_from_json(json.load(f))
+  """Reads a genotype JSON file written by :func:`save_genotype` (or by hand); a missing,
+  unreadable, truncated or invalid file is a one-line ValueError naming the path."""
+  path = os.fspath(path)
+  prefix = f'genotype={path!r} is invalid:'
+  try:
+    with open(path) as f:
+      d = json.load(f)
+  except FileNotFoundError:
+    raise ValueError(f'{prefix} the file does not exist') from None
+  except OSError as e:
+    raise ValueError(f'{prefix} the file cannot be read ({e.strerror})') from None
+  except json.JSONDecodeError as e:
+    raise ValueError(f'{prefix} not valid JSON (truncated?): {e.msg} at line {e.lineno} '
+                     f'column {e.colno}') from None
+  except UnicodeDecodeError:
+    raise ValueError(f'{prefix} not a text (JSON) file') from None
+  try:
+    return genotype_from_json(d)
+  except ValueError as e:
+    raise ValueError(f'{prefix} {e}') from None
 
 
 def get_genotype(name_or_value: GenotypeLike) -> Genotype:
@@ -228,12 +246,11 @@ def get_genotype(name_or_value: GenotypeLike) -> Genotype:
     if name in GENOTYPES:
       return GENOTYPES[name]
     if name.endswith('.json'):
-      if not os.path.exists(name):
-        raise ValueError(f'genotype file {name!r} does not exist')
       return load_genotype(name)
+    close = difflib.get_close_matches(name, genotype_names(), n=1)
     raise ValueError(
         f'genotype={name!r} is not a known genotype; allowed: {", ".join(genotype_names())} '
-        'or a path to a .json file')
+        'or a path to a .json file' + (f' (closest: {close[0]})' if close else ''))
   raise ValueError(
       f'genotype={name_or_value!r} has type {type(name_or_value).__name__}; allowed: a name, '
       'a .json path, a dict or a Genotype')

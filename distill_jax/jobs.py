@@ -28,10 +28,17 @@ USER_ERRORS = (validation.ConfigError, data_lib.DatasetNotFoundError, loop.NonFi
 
 
 class _DropLibraryChatter:
-  """Keeps orbax's per-save INFO lines out of the run's log (warnings still pass)."""
+  """Keeps orbax's per-save INFO lines out of the run's log (warnings still pass), and
+  the tracebacks of its background threads: a failed save is reported once, in one line,
+  by :mod:`distill_jax.trainers.checkpoint`."""
 
   def filter(self, record) -> bool:
-    return record.levelno >= 30 or '/orbax/' not in record.pathname
+    if '/orbax/' not in record.pathname:
+      return True
+    if record.exc_info:
+      record.exc_info, record.exc_text = None, None
+      record.msg, record.args = str(record.getMessage()).split('\n', 1)[0], ()
+    return record.levelno >= 30
 
 
 def setup_jax(*, cpu_devices: int = 0) -> None:
@@ -61,10 +68,29 @@ def setup_jax(*, cpu_devices: int = 0) -> None:
   elif os.environ.get('SLURM_NTASKS', '1') != '1' or os.environ.get('DISTILL_JAX_DISTRIBUTED') == '1':
     jax.distributed.initialize()
   logging.get_absl_handler().addFilter(_DropLibraryChatter())
-  cache = os.environ.get('JAX_COMPILATION_CACHE_DIR') or os.path.join(
-      os.path.expanduser('~'), '.cache', 'distill_jax', 'xla')
-  jax.config.update('jax_compilation_cache_dir', cache)
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+  cache = compilation_cache_dir()
+  if cache:
+    jax.config.update('jax_compilation_cache_dir', cache)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+    jax.config.update('jax_compilation_cache_max_size', CACHE_MAX_BYTES)  # oldest evicted
+
+
+DEFAULT_CACHE = os.path.join('~', '.cache', 'distill_jax', 'xla')
+CACHE_MAX_BYTES = 4 * 2**30
+
+
+def compilation_cache_dir() -> str | None:
+  """Where compiled programs are kept between runs (``None``: nowhere).
+
+  ``DISTILL_JAX_COMPILATION_CACHE`` is a folder or ``off``; else JAX's own
+  ``JAX_COMPILATION_CACHE_DIR``; else ``~/.cache/distill_jax/xla``. Later runs load and
+  execute what is there, so it must be a folder only you can write.
+  """
+  chosen = os.environ.get('DISTILL_JAX_COMPILATION_CACHE', '').strip()
+  if chosen.lower() in ('off', 'none', '0'):
+    return None
+  return os.path.expanduser(chosen or os.environ.get('JAX_COMPILATION_CACHE_DIR')
+                            or DEFAULT_CACHE)
 
 
 # config.job -> the module that runs it; each has validate(config) and

@@ -1,14 +1,25 @@
-"""Config checks that run before any compute: one clear line per problem."""
+"""Config checks that run before any compute: one clear line per problem.
+
+Every check raises :class:`ConfigError` ``config.FIELD=VALUE is invalid: ALLOWED``. Numbers
+must be finite (no ``inf`` or ``nan``) and never booleans; counts must be integers.
+"""
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
+import math
+from typing import Any
 
+import jax
 import ml_collections
 
 from distill_jax import data as data_lib
 from distill_jax import losses
 from distill_jax import models
+
+# Seeds are non-negative integers below this (every PRNG here takes them).
+MAX_SEED = 2**31
 
 
 class ConfigError(ValueError):
@@ -25,42 +36,14 @@ def _check(ok: bool, field: str, value, allowed: str) -> None:
     fail(field, value, allowed)
 
 
-def check_int(config: ml_collections.ConfigDict, field: str, minimum: int = 0) -> None:
-  """An integer (not a bool) >= ``minimum``."""
-  value = get(config, field)
-  _check(not isinstance(value, bool) and isinstance(value, int) and value >= minimum, field,
-         value, f'must be an integer >= {minimum}')
+def is_int(value: Any) -> bool:
+  """An integer that is not a bool."""
+  return isinstance(value, int) and not isinstance(value, bool)
 
 
-def check_bool(config: ml_collections.ConfigDict, field: str) -> None:
-  value = get(config, field)
-  _check(isinstance(value, bool), field, value, 'must be True or False')
-
-
-def check_range(config: ml_collections.ConfigDict, field: str, low: float, high: float, *,
-                closed: str = '[)') -> None:
-  """A number in the interval from ``low`` to ``high``; ``closed`` gives the brackets."""
-  value = get(config, field)
-  ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-  if ok:
-    ok = (value >= low if closed[0] == '[' else value > low) and (
-        value <= high if closed[1] == ']' else value < high)
-  _check(ok, field, value, f'must be in {closed[0]}{low}, {high}{closed[1]}')
-
-
-def check_choice(config: ml_collections.ConfigDict, field: str, choices) -> None:
-  value = get(config, field)
-  _check(value in choices, field, value, 'allowed: ' + ', '.join(map(str, choices)))
-
-
-def check_positive(config: ml_collections.ConfigDict, field: str) -> None:
-  value = get(config, field)
-  _check(isinstance(value, (int, float)) and value > 0, field, value, 'must be > 0')
-
-
-def check_non_negative(config: ml_collections.ConfigDict, field: str) -> None:
-  value = get(config, field)
-  _check(isinstance(value, (int, float)) and value >= 0, field, value, 'must be >= 0')
+def is_finite_number(value: Any) -> bool:
+  """An int or float (not a bool) that is neither infinite nor nan."""
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def get(config, field: str):
@@ -70,17 +53,93 @@ def get(config, field: str):
   return config
 
 
+def check_int(config: ml_collections.ConfigDict, field: str, minimum: int = 0) -> None:
+  """An integer (not a bool) >= ``minimum``."""
+  value = get(config, field)
+  _check(is_int(value) and value >= minimum, field, value, f'must be an integer >= {minimum}')
+
+
+def check_bool(config: ml_collections.ConfigDict, field: str) -> None:
+  value = get(config, field)
+  _check(isinstance(value, bool), field, value, 'must be True or False')
+
+
+def check_range(config: ml_collections.ConfigDict, field: str, low: float, high: float, *,
+                closed: str = '[)') -> None:
+  """A finite number in the interval from ``low`` to ``high``; ``closed`` gives the brackets."""
+  value = get(config, field)
+  ok = is_finite_number(value) and (value >= low if closed[0] == '[' else value > low) and (
+      value <= high if closed[1] == ']' else value < high)
+  _check(ok, field, value, f'must be {_kind(value)}in {closed[0]}{low}, {high}{closed[1]}')
+
+
+def _kind(value: Any, integer: bool = False) -> str:
+  """'' for a number of the right kind, else what it must be ('a finite number ', ...)."""
+  if integer and not is_int(value):
+    return 'an integer '
+  if not integer and not is_finite_number(value):
+    return 'a finite number ' if isinstance(value, float) else 'a number '
+  return ''
+
+
+def check_choice(config: ml_collections.ConfigDict, field: str, choices) -> None:
+  """One of ``choices``; a misspelt string also gets the closest choice."""
+  value = get(config, field)
+  if value in choices and (not isinstance(value, bool) or any(isinstance(c, bool) for c in choices)):
+    return
+  allowed = 'allowed: ' + ', '.join(map(str, choices))
+  if isinstance(value, str):
+    close = difflib.get_close_matches(value, [str(c) for c in choices], n=1)
+    allowed += f' (closest: {close[0]})' if close else ''
+  fail(field, value, allowed)
+
+
+def check_positive(config: ml_collections.ConfigDict, field: str, *, integer: bool = False) -> None:
+  """A finite number > 0 (``integer``: an integer)."""
+  value = get(config, field)
+  ok = (is_int(value) if integer else is_finite_number(value)) and value > 0
+  _check(ok, field, value, f'must be {_kind(value, integer)}> 0')
+
+
+def check_non_negative(config: ml_collections.ConfigDict, field: str, *,
+                       integer: bool = False) -> None:
+  """A finite number >= 0 (``integer``: an integer)."""
+  value = get(config, field)
+  ok = (is_int(value) if integer else is_finite_number(value)) and value >= 0
+  _check(ok, field, value, f'must be {_kind(value, integer)}>= 0')
+
+
+def check_seed(config: ml_collections.ConfigDict, field: str = 'seed') -> None:
+  value = get(config, field)
+  _check(is_int(value) and 0 <= value < MAX_SEED, field, value,
+         'a seed must be a non-negative integer below 2**31')
+
+
+def check_seeds(config: ml_collections.ConfigDict, field: str = 'seeds') -> None:
+  """A non-empty list of distinct seeds (an experiment's ``seeds``)."""
+  seeds = get(config, field)
+  _check(isinstance(seeds, (tuple, list)), field, seeds, 'must be a tuple of seeds, e.g. (0, 1, 2)')
+  _check(len(seeds) > 0, field, tuple(seeds), 'give at least one seed')
+  for seed in seeds:
+    _check(is_int(seed) and 0 <= seed < MAX_SEED, field, tuple(seeds),
+           f'seed {seed!r}: a seed must be a non-negative integer below 2**31')
+  _check(len(set(seeds)) == len(seeds), field, tuple(seeds), 'the seeds must be distinct')
+
+
 def check_model(model_config: ml_collections.ConfigDict, field: str = 'model') -> None:
-  """The model's name is registered and its fields are the network's own."""
+  """The model's name is registered, its fields are the network's own and their values
+  build it (sizes, genotype), checked without initialising anything."""
   cfg = dict(model_config)
   name = cfg.pop('name', None)
   if name not in models.model_names():
     raise ConfigError(f'config.{field}.name={name!r} is not a known network; '
                       f'known: {", ".join(models.model_names())}')
   try:
-    models.create_model(name, **cfg)
+    models.check_model(name, **cfg)
   except (TypeError, ValueError) as e:
-    raise ConfigError(f'config.{field}: {e}') from None
+    msg = str(e)
+    raise ConfigError(f'config.{field}.{msg[len("model."):]}' if msg.startswith('model.')
+                      else f'config.{field}: {msg}') from None
 
 
 def check_dataset(config: ml_collections.ConfigDict) -> None:
@@ -92,45 +151,81 @@ def check_dataset(config: ml_collections.ConfigDict) -> None:
          f'it is read through tensorflow-datasets, which is not installed: {data_lib.CIFAR_EXTRA}')
 
 
+def check_augmentation(config: ml_collections.ConfigDict) -> None:
+  """Crop padding and cutout fit the image; pad mode and flip are known values."""
+  height, width, _ = data_lib.IMAGE_SHAPES[config.data.name]
+  size = min(height, width)
+  for field in ('data.crop_padding', 'data.cutout'):
+    check_non_negative(config, field, integer=True)
+    _check(get(config, field) <= size, field, get(config, field),
+           f'must be at most the image size: {config.data.name} images are {height}x{width}')
+  check_choice(config, 'data.pad_mode', ('constant', 'reflect'))
+  check_bool(config, 'data.flip')
+
+
+def check_devices(config: ml_collections.ConfigDict) -> None:
+  """``num_devices`` exist, and both batch sizes divide over them."""
+  check_non_negative(config, 'num_devices', integer=True)
+  count = jax.device_count()
+  _check(config.num_devices <= count, 'num_devices', config.num_devices,
+         f'only {count} {jax.default_backend()} device{"s" * (count != 1)} visible; use 0 '
+         f'(all) or at most {count}')
+  devices = config.num_devices or count
+  check_batch_divides(config.batch_size, devices)
+  check_batch_divides(config.eval_batch_size, devices, 'eval_batch_size')
+
+
+def check_batch_divides(batch_size: int, num_devices: int, field: str = 'batch_size') -> None:
+  _check(batch_size % num_devices == 0, field, batch_size,
+         f'a global batch must divide over the {num_devices} devices; use a multiple of {num_devices}')
+
+
+def _check_optimizer(config: ml_collections.ConfigDict) -> None:
+  check_positive(config, 'optimizer.learning_rate')
+  for field in ('optimizer.weight_decay', 'optimizer.grad_clip_norm',
+                'optimizer.final_learning_rate'):
+    check_non_negative(config, field)
+  check_range(config, 'optimizer.momentum', 0, 1, closed='[)')
+  check_bool(config, 'optimizer.nesterov')
+  check_choice(config, 'optimizer.schedule', ('constant', 'cosine', 'multistep'))
+  opt = config.optimizer
+  if opt.schedule == 'cosine':
+    _check(opt.final_learning_rate <= opt.learning_rate, 'optimizer.final_learning_rate',
+           opt.final_learning_rate, f'must be <= optimizer.learning_rate={opt.learning_rate}')
+  milestones = opt.milestones
+  _check(isinstance(milestones, (tuple, list)) and all(is_int(m) and m > 0 for m in milestones)
+         and list(milestones) == sorted(set(milestones)), 'optimizer.milestones', milestones,
+         'epochs must be increasing integers > 0, e.g. (60, 120, 160)')
+  if opt.schedule == 'multistep':
+    check_positive(config, 'optimizer.decay_factor')
+
+
 def validate_train_config(config: ml_collections.ConfigDict) -> None:
   """Raises :class:`ConfigError` for the first impossible value of a training config."""
   check_dataset(config)
+  check_seed(config)
   check_model(config.model)
   classes = data_lib.NUM_CLASSES[config.data.name]
   _check(config.model.get('num_classes') == classes, 'model.num_classes',
          config.model.get('num_classes'), f'dataset {config.data.name!r} has {classes} classes')
-  _check(0.0 <= config.data.validation_fraction < 1.0, 'data.validation_fraction',
-         config.data.validation_fraction, 'must be in [0, 1)')
-  check_choice(config, 'data.pad_mode', ('constant', 'reflect'))
-  check_non_negative(config, 'data.crop_padding')
-  check_non_negative(config, 'data.cutout')
-  for field in ('num_epochs', 'batch_size', 'eval_batch_size', 'optimizer.learning_rate',
-                'log_every_steps', 'keep_checkpoints'):
-    check_positive(config, field)
-  for field in ('optimizer.weight_decay', 'optimizer.momentum', 'optimizer.grad_clip_norm',
-                'optimizer.final_learning_rate', 'eval_every_steps', 'checkpoint_every_steps',
-                'num_devices'):
-    check_non_negative(config, field)
+  check_range(config, 'data.validation_fraction', 0, 1, closed='[)')
+  check_augmentation(config)
+  for field in ('num_epochs', 'batch_size', 'eval_batch_size', 'log_every_steps',
+                'keep_checkpoints'):
+    check_positive(config, field, integer=True)
+  for field in ('eval_every_steps', 'checkpoint_every_steps'):
+    check_non_negative(config, field, integer=True)
+  check_devices(config)
+  _check_optimizer(config)
   check_choice(config, 'compute_dtype', ('float32', 'bfloat16'))
   check_non_negative(config, 'aux_weight')
-  _check(0.0 <= config.drop_path_prob < 1.0, 'drop_path_prob', config.drop_path_prob,
-         'must be in [0, 1)')
+  check_range(config, 'drop_path_prob', 0, 1, closed='[)')
   if config.aux_weight:
     _check(bool(config.model.get('auxiliary')), 'aux_weight', config.aux_weight,
            'needs a network with an auxiliary head (model.name=darts, model.auxiliary=True)')
   if config.drop_path_prob:
     _check(config.model.name == 'darts', 'drop_path_prob', config.drop_path_prob,
            'drop path exists only in DARTS networks (model.name=darts); use 0')
-  check_choice(config, 'optimizer.schedule', ('constant', 'cosine', 'multistep'))
-  if config.optimizer.schedule == 'multistep':
-    _check(all(int(m) > 0 for m in config.optimizer.milestones), 'optimizer.milestones',
-           config.optimizer.milestones, 'epochs must be > 0')
-    check_positive(config, 'optimizer.decay_factor')
-
-
-def check_batch_divides(batch_size: int, num_devices: int, field: str = 'batch_size') -> None:
-  _check(batch_size % num_devices == 0, field, batch_size,
-         f'a global batch must divide over the {num_devices} devices; use a multiple of {num_devices}')
 
 
 def validate_distill_config(config: ml_collections.ConfigDict) -> None:
@@ -139,10 +234,11 @@ def validate_distill_config(config: ml_collections.ConfigDict) -> None:
   check_choice(config, 'distill.method', losses.METHODS)
   check_choice(config, 'distill.at_form', losses.AT_FORMS)
   check_positive(config, 'distill.temperature')
-  alpha = config.distill.alpha
-  _check(isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0, 'distill.alpha', alpha,
-         'must be in [0, 1]')
+  check_range(config, 'distill.alpha', 0, 1, closed='[]')
   check_non_negative(config, 'distill.beta')
+  teacher_workdir = config.distill.get('teacher_workdir', '')
+  _check(isinstance(teacher_workdir, str), 'distill.teacher_workdir', teacher_workdir,
+         'must be a directory path or empty')
   if config.distill.method != 'none':
     check_model(config.distill.teacher_model, 'distill.teacher_model')
     classes = config.model.num_classes

@@ -21,6 +21,7 @@ def load_benchmark():
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_dry_run_writes_every_part(tmp_path):
   out = str(tmp_path / 'bench')
   env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=CACHE_DIR, PYTHON=sys.executable)

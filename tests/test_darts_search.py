@@ -107,6 +107,17 @@ def test_search_reads_every_config_field(searched):
   assert unread <= second_order_only, sorted(unread - second_order_only)
 
 
+def test_search_workdir_refuses_another_config_and_skips_a_finished_search(searched, monkeypatch):
+  config, workdir, results = searched
+  monkeypatch.setattr(search, '_prepare', lambda c: pytest.fail('compiled a search'))
+  again = search.run_search(tiny_search_config(), workdir)
+  assert again['wall_time_s'] == results['wall_time_s']  # finished: nothing to do
+  with pytest.raises(validation.ConfigError, match='arch.learning_rate'):
+    search.run_search(tiny_search_config(**{'arch.learning_rate': 0.1}), workdir)
+  with pytest.raises(validation.ConfigError, match='arch.learning_rate'):
+    search.evaluate(tiny_search_config(**{'arch.learning_rate': 0.1}), workdir)
+
+
 def test_search_changes_alphas_and_writes_a_buildable_genotype(searched):
   config, workdir, results = searched
   final = restore(workdir)

@@ -34,11 +34,11 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _two_processes(workdir, epochs):
+def _two_processes(workdir, epochs, *extra):
   port = _free_port()
   procs = [subprocess.Popen(
       [sys.executable, '-m', 'distill_jax.main', *ARGS, f'--config.num_epochs={epochs}',
-       f'--workdir={workdir}'], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+       f'--workdir={workdir}', *extra], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
       env=_env(2, JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}', JAX_NUM_PROCESSES='2',
                JAX_PROCESS_ID=str(i))) for i in range(2)]
   outputs = [p.communicate(timeout=300)[0] for p in procs]
@@ -52,6 +52,7 @@ def _restore(workdir):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_two_processes_match_one_and_resume(tmp_path):
   multi, single = str(tmp_path / 'multi'), str(tmp_path / 'single')
   results = _two_processes(multi, epochs=1)
@@ -70,6 +71,6 @@ def test_two_processes_match_one_and_resume(tmp_path):
   assert len(open(os.path.join(multi, 'metrics.jsonl')).readlines()) == len(
       open(os.path.join(single, 'metrics.jsonl')).readlines())
 
-  resumed = _two_processes(multi, epochs=2)
+  resumed = _two_processes(multi, 2, '--config.allow_resume_changes=num_epochs')
   assert resumed['resumed_from_step'] == 44 and resumed['steps'] == 88
   assert int(_restore(multi)['step']) == 88

@@ -354,9 +354,34 @@ def test_a_resume_writes_no_metrics_row_twice(finished, tmp_path):
   rows = [json.loads(line) for line in open(os.path.join(workdir, loop.METRICS_FILE))]
   keys = [(r['step'], 'train_loss' in r) for r in rows]
   assert len(keys) == len(set(keys)) and keys[-1][0] == LAST
+  # TensorBoard: the resumed run's event file opens with a session START at step 81,
+  # TensorBoard's signal to drop the killed run's events from that step on.
+  files = sorted(f for f in os.listdir(workdir) if f.startswith('events.out.tfevents'))
+  assert len(files) == 2
+  events = read_events(os.path.join(workdir, files[1]))
+  starts = [e.step for e in events if e.HasField('session_log')
+            and e.session_log.status == e.session_log.START]
+  assert starts == [81]
+  assert min(e.step for e in events if e.HasField('summary')) > 80
+
+
+def read_events(path):
+  """The Event protos of a TensorBoard event file (TFRecord framing: length, CRC, data, CRC)."""
+  import struct  # pylint: disable=g-import-not-at-top
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  events, data = [], open(path, 'rb').read()
+  offset = 0
+  while offset < len(data):
+    (length,) = struct.unpack('<Q', data[offset:offset + 8])
+    event = event_pb2.Event()
+    event.ParseFromString(data[offset + 12:offset + 12 + length])
+    events.append(event)
+    offset += 12 + length + 4
+  return events
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_sigterm_from_outside_exits_with_one_line_and_resumes(finished, tmp_path):
   config, _, results = finished
   workdir = str(tmp_path / 'term')
@@ -390,3 +415,97 @@ def test_a_shard_waiting_for_a_dead_shard_times_out(tmp_path):
   with pytest.raises(runs.WaitTimeout) as e:
     runs.run_tasks([task], shard=0, num_shards=2, wait_seconds=0.05, wait_timeout_s=0.2)
   assert 'shard_wait_timeout_s' in one_line(e) and time.time() - start < 5
+
+
+def test_an_experiment_refuses_another_run_recipe_but_takes_more_seeds(tmp_path, monkeypatch):
+  from conftest import load_config  # pylint: disable=g-import-not-at-top
+  from distill_jax.experiments import grid  # pylint: disable=g-import-not-at-top
+  config = load_config('teacher_student', 'demo')
+  workdir = str(tmp_path)
+  first = grid.tasks(config, workdir)[0]
+  os.makedirs(first.path)
+  workdir_lib.record_config(first.path, first.config)  # one run has started
+  runs.check_experiment(config, workdir, grid.tasks(config, workdir), record=True)
+  more_seeds = load_config('teacher_student', 'demo')
+  more_seeds.seeds = (0, 1, 2)
+  runs.check_experiment(more_seeds, workdir, grid.tasks(more_seeds, workdir), record=False)
+  faster = load_config('teacher_student', 'demo')
+  faster.run.optimizer.learning_rate = 0.5
+  monkeypatch.setattr(runs, 'run_tasks', lambda *a, **k: pytest.fail('ran a task'))
+  with pytest.raises(validation.ConfigError) as e:
+    grid.run(faster, workdir)
+  assert 'run.optimizer.learning_rate' in one_line(e)
+  faster.allow_resume_changes = 'run.optimizer.learning_rate'
+  assert all(t.config.allow_resume_changes == 'optimizer.learning_rate'
+             for t in grid.tasks(faster, workdir))
+
+
+def test_grown_weights_without_grown_json_are_grown_again(tmp_path, monkeypatch):
+  from conftest import load_config  # pylint: disable=g-import-not-at-top
+  from distill_jax import models  # pylint: disable=g-import-not-at-top
+  from distill_jax.experiments import darts_fisher  # pylint: disable=g-import-not-at-top
+  config = load_config('darts_fisher', 'demo')
+  config.growth.teacher_init = 'grown'
+  pipeline = darts_fisher.Pipeline(config, str(tmp_path))
+  student = models.create_model(**pipeline.student_model)
+  variables = models.init_variables(student, jax.random.key(0), (1, 8, 8, 1))
+  monkeypatch.setattr(pipeline, 'student_variables', lambda seed: variables)
+  leftover = pipeline.grown_variables_path('uniform', 0)
+  os.makedirs(leftover)
+  open(os.path.join(leftover, 'partial'), 'w').close()  # killed before grown.json
+  model = pipeline.build_teacher('uniform', 0)
+  assert os.path.exists(pipeline.grown_path('uniform', 0))
+  assert not os.path.exists(os.path.join(leftover, 'partial'))
+  assert pipeline.teacher_initial_variables('uniform', 0) is not None and model['name'] == 'darts'
+
+
+# ---------------------------------------------------------------------------------------
+# Disk full, launch scripts, the compilation cache.
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_a_full_disk_is_one_line(tmp_path):
+  """Files may not grow past 200 kB (as on a full disk): the first checkpoint fails."""
+  config = tiny_train_config()
+  workdir = str(tmp_path / 'full')
+  env = dict(os.environ, DISTILL_JAX_COMPILATION_CACHE='off', JAX_DISABLE_MOST_OPTIMIZATIONS='1',
+             JAX_PLATFORMS='cpu')
+  command = [sys.executable, '-m', 'distill_jax.main', '--config=configs/train.py:demo',
+             f'--workdir={workdir}', *overrides(config)]
+  # SIGXFSZ ignored (as exec keeps it), files limited to 200 blocks of 1 kB.
+  proc = subprocess.run(['bash', '-c', 'trap "" XFSZ; ulimit -f 200; exec "$@"', 'bash', *command],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+                        check=False)
+  last = proc.stderr.strip().splitlines()[-1]
+  assert proc.returncode == 1 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+  assert last.startswith('error: ') and 'checkpoint' in last and workdir in last, last
+  assert ckpt_lib.latest_step(workdir) is None  # nothing half-written looks complete
+
+
+def test_tpu_pod_script_quotes_every_argument(tmp_path):
+  fake = tmp_path / 'gcloud'
+  fake.write_text('#!/usr/bin/env bash\nfor a in "$@"; do case "$a" in --command=*) '
+                  'printf "%s" "${a#--command=}";; esac; done\n')
+  fake.chmod(0o755)
+  workdir = str(tmp_path / 'a b;touch pwned')
+  out = subprocess.run(
+      ['bash', os.path.join(REPO, 'launch', 'tpu_pod.sh'), 'tpu', 'zone', 'configs/train.py',
+       workdir, '--config.seed=1'], env=dict(os.environ, PATH=f'{tmp_path}:{os.environ["PATH"]}'),
+      capture_output=True, text=True, check=True).stdout
+  remote_args = out.split('distill_jax.main', 1)[1]
+  words = subprocess.run(['bash', '-c', f'printf "%s\\n" {remote_args}'], cwd=tmp_path,
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+  assert words == ['--config=configs/train.py', f'--workdir={workdir}', '--config.seed=1']
+  assert not (tmp_path / 'pwned').exists()
+
+
+def test_compilation_cache_can_be_moved_or_disabled(monkeypatch, tmp_path):
+  from distill_jax import jobs  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv('DISTILL_JAX_COMPILATION_CACHE', 'off')
+  assert jobs.compilation_cache_dir() is None
+  monkeypatch.setenv('DISTILL_JAX_COMPILATION_CACHE', str(tmp_path / 'xla'))
+  assert jobs.compilation_cache_dir() == str(tmp_path / 'xla')
+  monkeypatch.delenv('DISTILL_JAX_COMPILATION_CACHE')
+  monkeypatch.delenv('JAX_COMPILATION_CACHE_DIR', raising=False)
+  assert jobs.compilation_cache_dir() == os.path.expanduser('~/.cache/distill_jax/xla')

@@ -50,32 +50,76 @@ from distill_jax.trainers import checkpoint as ckpt_lib
 from distill_jax.trainers import loop
 from distill_jax.trainers import teacher as teacher_lib
 from distill_jax.trainers import train as train_lib
+from distill_jax.trainers import workdir as workdir_lib
 
 TEACHER_KINDS = ('depth', 'uniform', 'fisher')
 TEACHER_INITS = ('scratch', 'grown')
 
 
+# Test-split sizes (the figure draws the first figure.num_images test images), and the
+# most rows a figure takes: one row per image, 192 px each, under matplotlib's 65,536 px.
+TEST_SPLIT_SIZES = {'digits': data_lib.DIGITS_TEST_SIZE, 'cifar10': 10_000, 'cifar100': 10_000}
+FIGURE_MAX_IMAGES = 256
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
-  """The pipeline's own fields, then every run's config, before any compute."""
+  """The pipeline's own fields, then every run's config, before any compute.
+
+  ``growth.target_param_ratio`` must exceed 1 and ``growth.depth_layers`` the student's
+  ``run.model.layers`` (a teacher bigger than the student); ``figure.num_images`` is at
+  most the test split's size and :data:`FIGURE_MAX_IMAGES`; ``figure.point`` indexes the
+  student's attention points, counted by ``jax.eval_shape`` (no compute).
+  """
   for kind in config.teachers:
     if kind not in TEACHER_KINDS:
       raise validation.ConfigError(
           f'config.teachers has {kind!r}; allowed: {", ".join(TEACHER_KINDS)}')
-  runs.check_seeds(config)
-  validation.check_choice(config, 'growth.teacher_init', TEACHER_INITS)
-  validation.check_choice(config, 'growth.operator', ('widen', 'denser'))
-  validation.check_positive(config, 'growth.target_param_ratio')
-  validation.check_positive(config, 'growth.depth_layers')
-  validation.check_bool(config, 'growth.function_preserving')
-  validation.check_positive(config, 'fisher.num_batches')
-  validation.check_positive(config, 'fisher.batch_size')
-  validation.check_int(config, 'figure.num_images', 1)
-  validation.check_int(config, 'figure.point', 0)
+  if len(set(config.teachers)) != len(config.teachers):
+    validation.fail('teachers', tuple(config.teachers), 'each kind at most once')
+  validation.check_seeds(config)
   if config.run.model.name != 'darts':
     raise validation.ConfigError(
         f'config.run.model.name={config.run.model.name!r} is invalid: the pipeline grows a '
         'DARTS student')
+  validation.check_choice(config, 'run.distill.method', losses.METHODS)
+  validation.check_choice(config, 'growth.teacher_init', TEACHER_INITS)
+  validation.check_choice(config, 'growth.operator', ('widen', 'denser'))
+  validation.check_positive(config, 'growth.target_param_ratio')
+  if config.growth.target_param_ratio <= 1:
+    validation.fail('growth.target_param_ratio', config.growth.target_param_ratio,
+                    'must be > 1: a teacher has more parameters than its student')
+  validation.check_int(config, 'growth.depth_layers', 3)
+  validation.check_bool(config, 'growth.function_preserving')
+  validation.check_positive(config, 'fisher.num_batches', integer=True)
+  validation.check_positive(config, 'fisher.batch_size', integer=True)
+  validation.check_dataset(config.run)
+  validation.check_int(config, 'figure.num_images', 1)
+  most = min(TEST_SPLIT_SIZES[config.run.data.name], FIGURE_MAX_IMAGES)
+  if config.figure.num_images > most:
+    validation.fail('figure.num_images', config.figure.num_images,
+                    f'at most {most} (the {config.run.data.name} test split has '
+                    f'{TEST_SPLIT_SIZES[config.run.data.name]} images; a figure at most '
+                    f'{FIGURE_MAX_IMAGES} rows)')
+  validation.check_int(config, 'figure.point', 0)
+  validation.check_model(config.run.model, 'run.model')
+  if 'depth' in config.teachers and config.growth.depth_layers <= config.run.model.layers:
+    validation.fail('growth.depth_layers', config.growth.depth_layers,
+                    f'the depth teacher needs more cells than the student '
+                    f'(run.model.layers={config.run.model.layers})')
   runs.validate_runs(Pipeline(config, '/').tasks(static_only=True))
+  points = _num_attention_points(config.run)
+  if config.figure.point >= points:
+    validation.fail('figure.point', config.figure.point,
+                    f'the student has {points} attention points: use 0..{points - 1}')
+
+
+def _num_attention_points(run_config) -> int:
+  """How many attention points the run's model returns, from shapes alone."""
+  model = models.create_model(**_plain(run_config.model))
+  x = jax.ShapeDtypeStruct(_input_shape(run_config), jnp.float32)
+  _, points = jax.eval_shape(
+      lambda x: model.init_with_output(jax.random.key(0), x, train=False)[0], x)
+  return len(points)
 
 
 def _input_shape(run_config) -> tuple[int, ...]:
@@ -117,7 +161,13 @@ class Pipeline:
 
   def run_config(self, model: dict, seed: int, **teacher) -> ml_collections.ConfigDict:
     """A training run: ``config.run`` with ``model``, ``seed`` and (optionally) a teacher."""
-    return runs.run_config(self.config.run, model=model, seed=seed, **teacher)
+    return runs.run_config(self.config.run, model=model, seed=seed,
+                           allow_resume_changes=self.config.allow_resume_changes, **teacher)
+
+  def grown_model(self, kind: str, seed: int) -> dict | None:
+    """The teacher's model config once grown (from grown.json), else ``None``."""
+    path = self.grown_path(kind, seed)
+    return _plain(loop.read_json(path)['model']) if os.path.exists(path) else None
 
   def student_variables(self, seed: int) -> dict:
     teacher = teacher_lib.load_teacher(self.student_model, self.student_dir(seed),
@@ -229,18 +279,24 @@ class Pipeline:
         add(f'grow {kind}', self.grown_path(kind, seed),
             functools.partial(self.build_teacher, kind, seed), needs=(student_dir,),
             is_run=False)
+      # A teacher's config is known once it is grown; before that (and to validate every
+      # run first), the student stands in for it.
+      grown = {kind: None if static_only else self.grown_model(kind, seed) for kind in c.teachers}
       for kind in c.teachers:
+        model = grown[kind] or self.student_model
         add(f'teacher {kind}', self.teacher_dir(kind, seed),
             functools.partial(self.train_teacher, kind, seed),
             needs=(self.grown_path(kind, seed),),
-            config=self.run_config(self.student_model, seed) if static_only else None,
+            config=self.run_config(model, seed) if static_only or grown[kind] else None,
             teacher=self.teacher_name(kind))
       for kind in c.teachers:
-        pair = self.run_config(self.student_model, seed, teacher_model=self.student_model,
+        pair = self.run_config(self.student_model, seed,
+                               teacher_model=grown[kind] or self.student_model,
                                teacher_workdir=self.teacher_dir(kind, seed))
         add(f'pair {kind}', self.pair_dir(kind, seed),
             functools.partial(self.distill_student, kind, seed),
-            needs=(self.teacher_dir(kind, seed),), config=pair if static_only else None,
+            needs=(self.teacher_dir(kind, seed),),
+            config=pair if static_only or grown[kind] else None,
             teacher=self.teacher_name(kind), student=student, row=True)
     return out
 
@@ -263,7 +319,10 @@ class Pipeline:
   def run(self, options: JobOptions = JobOptions()) -> dict:
     """Every task of this shard's seeds (``seeds[shard::num_shards]``); the report and
     the figure when one process runs every seed (else ``--mode=report`` writes them)."""
-    trained = runs.run_tasks(self.tasks(), shard=options.shard, num_shards=options.num_shards)
+    with workdir_lib.Lock(self.workdir, runs.lock_name(options.shard, options.num_shards)):
+      tasks = self.tasks()
+      runs.check_experiment(self.config, self.workdir, tasks, record=True)
+      trained = runs.run_tasks(tasks, shard=options.shard, num_shards=options.num_shards)
     if options.num_shards > 1:
       return {'trained': trained, 'report': None, 'seeds': []}
     return {'trained': trained, **self.finish()}
@@ -336,7 +395,9 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   shard) reports; ``'report'`` and ``'evaluate'`` write the report and figure of the
   finished seeds."""
   validate(config)
-  pipeline = Pipeline(config, workdir)
+  workdir_lib.check_allowed_names(config)
+  pipeline = Pipeline(config, workdir_lib.prepare(workdir))
   if options.mode == 'train':
     return pipeline.run(options)
+  runs.check_experiment(config, pipeline.workdir, pipeline.tasks(), record=False)
   return {'trained': [], **pipeline.finish()}

@@ -24,10 +24,12 @@ import jax
 import ml_collections
 
 from distill_jax import data as data_lib
+from distill_jax import losses
 from distill_jax import validation
 from distill_jax.experiments import runs
 from distill_jax.options import JobOptions
 from distill_jax.trainers import train
+from distill_jax.trainers import workdir as workdir_lib
 
 
 def _models(config: ml_collections.ConfigDict) -> dict[str, dict]:
@@ -44,7 +46,7 @@ def tasks(config: ml_collections.ConfigDict, workdir: str) -> list[runs.Task]:
   def run_config(key, seed, **teacher):
     drop = config.darts_drop_path_prob if models[key]['name'] == 'darts' else 0.0
     return runs.run_config(config.run, model=models[key], seed=seed, drop_path_prob=drop,
-                           **teacher)
+                           allow_resume_changes=config.allow_resume_changes, **teacher)
 
   def task(name, path, cfg, **kwargs):
     return runs.Task(name=name, path=path, config=cfg,
@@ -74,14 +76,18 @@ def tasks(config: ml_collections.ConfigDict, workdir: str) -> list[runs.Task]:
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """The grid's own fields, then every run's config, before any compute."""
+  validation.check_bool(config, 'demo_networks')
   table = runs.network_table(config.demo_networks)
   for field in ('teachers', 'students'):
     for key in config[field]:
       if key not in table:
         raise validation.ConfigError(
             f'config.{field} has {key!r}, not a known network; known: {", ".join(table)}')
-  runs.check_seeds(config)
-  validation.check_range(config, 'darts_drop_path_prob', 0.0, 1.0)
+    if len(set(config[field])) != len(config[field]):
+      validation.fail(field, tuple(config[field]), 'each network at most once')
+  validation.check_seeds(config)
+  validation.check_choice(config, 'run.distill.method', losses.METHODS)
+  validation.check_range(config, 'darts_drop_path_prob', 0, 1)
   runs.validate_runs(tasks(config, '/'))
 
 
@@ -90,14 +96,21 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   """Trains this shard's missing runs (``mode='train'``), then writes the report of the
   finished runs (every mode; with several shards, run ``--mode=report`` at the end)."""
   validate(config)
-  workdir = os.path.abspath(os.path.expanduser(workdir))
+  validation.check_positive(config, 'shard_wait_timeout_s')
+  workdir_lib.check_allowed_names(config)
+  workdir = workdir_lib.prepare(workdir)
   all_tasks = tasks(config, workdir)
   report = os.path.join(workdir, 'report.md')
   trained = []
   if options.mode == 'train':
-    trained = runs.run_tasks(all_tasks, shard=options.shard, num_shards=options.num_shards)
+    with workdir_lib.Lock(workdir, runs.lock_name(options.shard, options.num_shards)):
+      runs.check_experiment(config, workdir, all_tasks, record=True)
+      trained = runs.run_tasks(all_tasks, shard=options.shard, num_shards=options.num_shards,
+                               wait_timeout_s=config.shard_wait_timeout_s)
     if options.num_shards > 1:
       return {'trained': trained, 'report': None, 'rows': []}
+  else:
+    runs.check_experiment(config, workdir, all_tasks, record=False)
   rows = runs.report_rows(all_tasks)
   if jax.process_index() == 0 and rows:
     markdown = runs.write_report(

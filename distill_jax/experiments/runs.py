@@ -175,6 +175,9 @@ def run_tasks(tasks: Sequence[Task], *, shard: int = 0, num_shards: int = 1,
     logging.info('Task %d/%d: %s -> %s', i + 1, len(tasks), task.name, task.path)
     task.compute()
     computed.append(task.name)
+  if not computed:
+    logging.info('Every task of shard %d/%d is done already with this config; nothing to train.',
+                 shard, num_shards)
   return computed
 
 

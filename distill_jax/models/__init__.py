@@ -14,6 +14,7 @@ information reads activation gradients. :func:`init_variables` leaves it out.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 from typing import Any
@@ -21,6 +22,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from distill_jax import genotypes
 
 # name -> "module:attribute" of a flax.linen.Module class; imported lazily.
 _REGISTRY: dict[str, str] = {
@@ -52,12 +55,107 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
   naming the allowed values.
   """
   cls = model_class(name)
+  _check_known_fields(cls, name, kwargs)
+  return cls(**kwargs)
+
+
+def _check_known_fields(cls: type[nn.Module], name: str, kwargs: dict) -> None:
   fields = [f for f in cls.__dataclass_fields__ if f not in ('parent', 'name')]
   unknown = sorted(set(kwargs) - set(fields))
   if unknown:
     raise ValueError(
         f'model.{unknown[0]} is not a field of model {name!r}; allowed: {", ".join(fields)}')
-  return cls(**kwargs)
+
+
+def _fields(cls: type[nn.Module], kwargs: dict) -> dict:
+  """The network's fields: the dataclass defaults overridden by ``kwargs``."""
+  out = {f: d.default for f, d in cls.__dataclass_fields__.items()
+         if f not in ('parent', 'name') and d.default is not dataclasses.MISSING}
+  return {**out, **kwargs}
+
+
+def _require(ok: bool, field: str, value: Any, allowed: str) -> None:
+  if not ok:
+    raise ValueError(f'model.{field}={value!r} is invalid: {allowed}')
+
+
+def _is_int(value: Any, minimum: int) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _check_int(f: dict, field: str, minimum: int = 1) -> None:
+  _require(_is_int(f[field], minimum), field, f[field], f'must be an integer >= {minimum}')
+
+
+def _check_fraction(f: dict, field: str, low_open: bool = False, high_closed: bool = False) -> None:
+  """A finite number in [0, 1) (``low_open``: (0, ...; ``high_closed``: ..., 1])."""
+  v = f[field]
+  ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (
+      (v > 0 if low_open else v >= 0) and (v <= 1 if high_closed else v < 1))
+  _require(ok, field, v, f'must be in {"(" if low_open else "["}0, 1{"]" if high_closed else ")"}')
+
+
+def _check_depth(f: dict, family: str, why: str) -> None:
+  d = f['depth']
+  _require(_is_int(d, 10) and (d - 4) % 6 == 0, 'depth', d,
+           f'{family} depth must be 6n+4 with n >= 1 ({why}): 10, 16, 22, 28, 40, 100, ...')
+
+
+def _check_wrn(f: dict) -> None:
+  _check_depth(f, 'WRN', 'n basic blocks of 2 convolutions per group')
+  _check_int(f, 'widen_factor')
+  _check_fraction(f, 'dropout_rate')
+
+
+def _check_densenet(f: dict) -> None:
+  _check_depth(f, 'DenseNet-BC', 'n bottleneck layers of 2 convolutions per block')
+  _check_int(f, 'growth_rate')
+  _check_fraction(f, 'compression', low_open=True, high_closed=True)
+  n, k, channels = (f['depth'] - 4) // 6, f['growth_rate'], 2 * f['growth_rate']
+  for i in range(2):  # each transition keeps floor(channels * compression) >= 1 of them
+    channels = math.floor((channels + n * k) * f['compression'])
+    _require(channels >= 1, 'compression', f['compression'],
+             f'transition {i} would keep {channels} channels; use a larger compression')
+
+
+def _check_darts(f: dict) -> None:
+  _check_int(f, 'layers', 3)
+  _check_int(f, 'init_channels')
+  _check_int(f, 'stem_multiplier')
+  _check_fraction(f, 'drop_path_prob')
+  _require(isinstance(f['auxiliary'], bool), 'auxiliary', f['auxiliary'], 'must be True or False')
+  from distill_jax.models import darts_ops  # pylint: disable=g-import-not-at-top
+  _require(f['impl'] in darts_ops.IMPLS, 'impl', f['impl'], 'allowed: ' + ', '.join(darts_ops.IMPLS))
+  genotype = f['genotype']
+  if not isinstance(genotype, genotypes.Genotype):
+    try:
+      genotypes.get_genotype(genotype)
+    except ValueError as e:
+      msg = str(e)
+      prefix = f'genotype={genotype!r} '
+      raise ValueError('model.' + msg if msg.startswith(prefix) else
+                       f'model.genotype={genotype!r} is invalid: {msg}') from None
+
+
+# name -> the checks of its fields (see check_model).
+_FIELD_CHECKS = {'wrn': _check_wrn, 'densenet_bc': _check_densenet, 'darts': _check_darts}
+
+
+def check_model(name: str, **kwargs: Any) -> nn.Module:
+  """:func:`create_model` after checking what the network's ``init`` would fail on later
+  (sizes, types, the DARTS genotype and per-cell channels/groups); computes nothing.
+
+  Raises a one-line ValueError starting ``model.FIELD=VALUE``.
+  """
+  cls = model_class(name)
+  _check_known_fields(cls, name, kwargs)
+  f = _fields(cls, kwargs)
+  _check_int(f, 'num_classes')
+  _FIELD_CHECKS.get(name, lambda f: None)(f)
+  model = cls(**kwargs)
+  if name == 'darts':
+    model.resolved_cell_groups()  # cell_channels, cell_groups: one-line ValueErrors
+  return model
 
 
 COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}

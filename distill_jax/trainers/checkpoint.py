@@ -109,8 +109,8 @@ def save(manager: ocp.CheckpointManager, workdir: str, step: int, state: Any) ->
       loop.write_json(checksum_path(workdir, step), checksums(state))
     manager.save(step, args=ocp.args.StandardSave(state))
   except Exception as e:  # orbax and tensorstore raise many types for one cause
-    raise CheckpointError(f'cannot write checkpoint {step} in {checkpoint_dir(workdir)}: '
-                          f'{one_line(e)}') from None
+    raise CheckpointError(f'cannot write checkpoints in {checkpoint_dir(workdir)} (the save of '
+                          f'step {step} or the one before it failed): {one_line(e)}') from None
 
 
 def _prune_checksums(manager: ocp.CheckpointManager, workdir: str) -> None:

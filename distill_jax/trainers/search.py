@@ -39,6 +39,7 @@ from distill_jax.options import JobOptions
 from distill_jax.trainers import checkpoint as ckpt_lib
 from distill_jax.trainers import loop
 from distill_jax.trainers import search_plots
+from distill_jax.trainers import workdir as workdir_lib
 from distill_jax.trainers.search_step import (HESSIANS, ORDERS, VAL_SEED_OFFSET, SearchSetup, SearchState,
                                      alpha_weights, compile_search_steps, create_search_state,
                                      derive_genotype)
@@ -55,6 +56,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Raises :class:`~distill_jax.validation.ConfigError` (one line) for the first impossible
   value of a search config; runs before any compute."""
   validation.check_dataset(config)
+  validation.check_seed(config)
   validation.check_int(config, 'order', 1)
   validation.check_choice(config, 'order', ORDERS)
   validation.check_choice(config, 'hessian', HESSIANS)
@@ -68,15 +70,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
                     f'dataset {config.data.name!r} has {classes} classes')
   validation.check_choice(config, 'model.impl', darts_ops.IMPLS)
   fraction = config.data.validation_fraction
-  if not (isinstance(fraction, (int, float)) and 0.0 < fraction < 1.0):
+  if not (validation.is_finite_number(fraction) and 0.0 < fraction < 1.0):
     validation.fail('data.validation_fraction', fraction,
                     'must be in (0, 1): the search needs both halves (the paper uses 0.5)')
-  validation.check_choice(config, 'data.pad_mode', ('constant', 'reflect'))
+  validation.check_augmentation(config)
   for field in ('num_epochs', 'batch_size', 'eval_batch_size', 'log_every_steps',
                 'keep_checkpoints'):
     validation.check_int(config, field, 1)
-  for field in ('checkpoint_every_steps', 'num_devices', 'data.crop_padding', 'data.cutout'):
-    validation.check_int(config, field, 0)
+  validation.check_int(config, 'checkpoint_every_steps', 0)
+  validation.check_devices(config)
   for field in ('optimizer.learning_rate', 'arch.learning_rate', 'arch.fd_epsilon'):
     validation.check_positive(config, field)
   for field in ('optimizer.final_learning_rate', 'optimizer.momentum', 'optimizer.weight_decay',
@@ -88,7 +90,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                     f'must be <= optimizer.learning_rate={config.optimizer.learning_rate}')
   for field in ('arch.b1', 'arch.b2'):
     validation.check_range(config, field, 0, 1, closed='[)')
-  for field in ('arch.reuse_train_grad', 'arch.phase_scan', 'plot_every_epoch', 'data.flip'):
+  for field in ('arch.reuse_train_grad', 'arch.phase_scan', 'plot_every_epoch'):
     validation.check_bool(config, field)
 
 
@@ -175,20 +177,30 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
   """
   start_time = time.time()
   validate(config)
-  workdir = os.path.abspath(os.path.expanduser(workdir))
+  workdir = workdir_lib.prepare(workdir)
+  with workdir_lib.Lock(workdir):
+    changes = workdir_lib.check_config(workdir, config)
+    results_path = os.path.join(workdir, loop.RESULTS_FILE)
+    if changes == [] and os.path.exists(results_path):
+      logging.info('%s has finished its search already with this config; nothing to do.',
+                   workdir)
+      return loop.read_json(results_path)
+    return _search(config, workdir, start_time)
+
+
+def _search(config: ml_collections.ConfigDict, workdir: str, start_time: float) -> dict[str, Any]:
   s = _prepare(config)
   num_train, num_val = len(s.dataset.train_labels), len(s.dataset.val_labels)
   cadence = loop.Cadence(s.steps_per_epoch * config.num_epochs, config.log_every_steps,
                          eval_every=s.steps_per_epoch, save_every=config.checkpoint_every_steps)
-  os.makedirs(workdir, exist_ok=True)
 
   manager = ckpt_lib.make_manager(workdir, keep=config.keep_checkpoints)
-  state, restored_step = ckpt_lib.restore_latest(manager, s.state)
+  state, restored_step = ckpt_lib.restore_latest(manager, s.state, workdir)
   first_step = int(jax.device_get(state.step))
   if restored_step is not None:
     logging.info('Resumed the search from %s at step %d.', ckpt_lib.checkpoint_dir(workdir),
                  first_step)
-  writer = loop.create_writer(workdir)
+  writer = loop.create_writer(workdir, resume_step=restored_step)
   logging.info('DARTS search (order %d%s): supernet %d cells, C=%d, %d parameters, on %s, '
                '%d steps over %d devices.', config.order,
                f', {config.hessian} hessian' if config.order == 2 else '', config.model.layers,
@@ -196,45 +208,58 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
                s.mesh.size)
 
   pending = loop.PendingMetrics(first_step, finite_keys=('train_loss', 'param_norm', 'alpha_norm'),
-                                hint='lower optimizer.learning_rate or arch.learning_rate')
+                                hint='lower optimizer.learning_rate or arch.learning_rate (and '
+                                'allow it with --config.allow_resume_changes)')
   last_saved = first_step
   step_seconds = 0.0
   final = None
-  try:
-    for step in range(first_step + 1, cadence.num_steps + 1):
-      t0 = time.time()
-      train_idx = data_lib.train_indices(config.seed, step - 1, num_examples=num_train,
-                                         batch_size=config.batch_size)
-      val_idx = data_lib.train_indices(config.seed + VAL_SEED_OFFSET, step - 1,
-                                       num_examples=num_val, batch_size=config.batch_size)
-      state, metrics = s.step_fn(state, s.data.batch('train', train_idx),
-                                 s.data.batch('val', val_idx))
-      pending.add(step, metrics)
-      step_seconds += time.time() - t0
+  with loop.StopSignals(config.checkpoint_every_seconds) as stop:
+    try:
+      for step in range(first_step + 1, cadence.num_steps + 1):
+        t0 = time.time()
+        train_idx = data_lib.train_indices(config.seed, step - 1, num_examples=num_train,
+                                           batch_size=config.batch_size)
+        val_idx = data_lib.train_indices(config.seed + VAL_SEED_OFFSET, step - 1,
+                                         num_examples=num_val, batch_size=config.batch_size)
+        state, metrics = s.step_fn(state, s.data.batch('train', train_idx),
+                                   s.data.batch('val', val_idx))
+        pending.add(step, metrics)
+        step_seconds += time.time() - t0
 
-      epoch = step / s.steps_per_epoch
-      if cadence.log(step) or cadence.save(step):
-        pending.check_finite(last_saved)
-      if cadence.log(step):
-        writer.write_scalars(step, {**pending.summary(step), 'epoch': epoch})
-      if cadence.eval(step):  # every epoch
-        values = {**evaluate_val(s.data, s.eval_fn, state, config.eval_batch_size),
-                  'epoch': epoch}
-        genotype = _epoch_outputs(workdir, state, step, epoch, plots=config.plot_every_epoch)
-        writer.write_scalars(step, values)
-        logging.info('Step %d (epoch %.2f): val top-1 error %.4f; genotype %s', step, epoch,
-                     values['val_top1_error'], genotype)
-        if cadence.is_last(step):
-          final = values
-      if cadence.save(step):
-        manager.save(step, args=ckpt_lib.ocp.args.StandardSave(state))
-        last_saved = step
-  finally:  # a failed search still completes the (finite) saves it began
-    manager.wait_until_finished()
+        epoch = step / s.steps_per_epoch
+        save = cadence.save(step) or stop.save_due()
+        if cadence.log(step) or save:
+          pending.check_finite(last_saved)
+        if cadence.log(step) or stop.signum:
+          writer.write_scalars(step, {**pending.summary(step), 'epoch': epoch})
+        if cadence.eval(step):  # every epoch
+          values = {**evaluate_val(s.data, s.eval_fn, state, config.eval_batch_size),
+                    'epoch': epoch}
+          genotype = _epoch_outputs(workdir, state, step, epoch, plots=config.plot_every_epoch)
+          writer.write_scalars(step, values)
+          logging.info('Step %d (epoch %.2f): val top-1 error %.4f; genotype %s', step, epoch,
+                       values['val_top1_error'], genotype)
+          if cadence.is_last(step):
+            final = values
+        if save:
+          if last_saved == first_step:
+            workdir_lib.record_config(workdir, config)
+          ckpt_lib.save(manager, workdir, step, state)
+          last_saved = step
+          stop.saved()
+        if stop.signum:
+          ckpt_lib.wait(manager, workdir)
+          writer.close()
+          raise loop.Stopped(stop.signum, step, ckpt_lib.checkpoint_dir(workdir))
+    except loop.NonFiniteLossError as e:
+      raise ckpt_lib.after_divergence(manager, workdir, e, config.log_every_steps) from None
+    finally:  # a failed search still completes the (finite) saves it began
+      ckpt_lib.wait(manager, workdir)
   writer.close()
 
   if final is None:  # nothing left to search: the workdir already held the last step
     final = evaluate_val(s.data, s.eval_fn, state, config.eval_batch_size)
+  workdir_lib.record_config(workdir, config)
   genotype = _write_genotype(workdir, state.alphas)
   results = loop.write_results(workdir, {
       'genotype': genotypes_lib.genotype_to_json(genotype),
@@ -262,11 +287,13 @@ def _no_checkpoint(workdir: str, mode: str) -> FileNotFoundError:
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Scores the latest checkpoint's supernet (inference mode) on the validation half;
   returns ``{'step', 'val_loss', 'val_top1_error', 'genotype'}`` and prints the genotype."""
+  workdir = workdir_lib.prepare(workdir)
+  workdir_lib.check_config(workdir, config)
   if ckpt_lib.latest_step(workdir) is None:
     raise _no_checkpoint(workdir, 'evaluate')
   s = _prepare(config)
   manager = ckpt_lib.make_manager(workdir, keep=config.keep_checkpoints)
-  state, step = ckpt_lib.restore_latest(manager, s.state)
+  state, step = ckpt_lib.restore_latest(manager, s.state, workdir, move_rejected=False)
   manager.close()
   genotype = derive_genotype(state.alphas)
   results = {'step': step, **evaluate_val(s.data, s.eval_fn, state, config.eval_batch_size),
@@ -295,6 +322,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   'evaluate' scores the latest checkpoint (:func:`evaluate`), 'report' rewrites its
   genotype and pictures (:func:`report`)."""
   validate(config)
+  validation.check_non_negative(config, 'checkpoint_every_seconds')
+  workdir_lib.check_allowed_names(config)
   if options.num_shards > 1:
     raise validation.ConfigError(
         f'--shard={options.shard}/{options.num_shards} is invalid for '

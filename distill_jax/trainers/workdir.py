@@ -195,7 +195,7 @@ def effective(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def allowed_changes(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   """``config.allow_resume_changes`` ('num_epochs,optimizer') as a tuple of names."""
-  text = config.get('allow_resume_changes', '') or ''
+  text = config['allow_resume_changes'] if 'allow_resume_changes' in config else ''
   return tuple(name.strip() for name in text.split(',') if name.strip())
 
 
@@ -243,12 +243,13 @@ def check_config(workdir: str, config: ml_collections.ConfigDict, *,
   ``seeds``) or named by ``config.allow_resume_changes``.
   """
   from distill_jax.trainers import loop  # pylint: disable=g-import-not-at-top
+  allowed = allowed_changes(config)
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path) or not (_holds_state(workdir) if holds_state is None
                                        else holds_state):
     return None
   old, new = loop.read_json(path)['config'], effective(config)
-  diff = differences(old, new, (*BOOKKEEPING_FIELDS, *extendable, *allowed_changes(config)))
+  diff = differences(old, new, (*BOOKKEEPING_FIELDS, *extendable, *allowed))
   if diff:
     a, b = _flat(old), _flat(new)
     shown = '; '.join(f'{f}: {a.get(f, "(absent)")!r} -> {b.get(f, "(absent)")!r}'
