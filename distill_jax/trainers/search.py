@@ -194,8 +194,8 @@ def _search(config: ml_collections.ConfigDict, workdir: str, start_time: float) 
   cadence = loop.Cadence(s.steps_per_epoch * config.num_epochs, config.log_every_steps,
                          eval_every=s.steps_per_epoch, save_every=config.checkpoint_every_steps)
 
-  manager = ckpt_lib.make_manager(workdir, keep=config.keep_checkpoints)
-  state, restored_step = ckpt_lib.restore_latest(manager, s.state, workdir)
+  saves = workdir_lib.Saves(workdir, config)
+  state, restored_step = saves.restore(s.state)
   first_step = int(jax.device_get(state.step))
   if restored_step is not None:
     logging.info('Resumed the search from %s at step %d.', ckpt_lib.checkpoint_dir(workdir),
@@ -210,51 +210,38 @@ def _search(config: ml_collections.ConfigDict, workdir: str, start_time: float) 
   pending = loop.PendingMetrics(first_step, finite_keys=('train_loss', 'param_norm', 'alpha_norm'),
                                 hint='lower optimizer.learning_rate or arch.learning_rate (and '
                                 'allow it with --config.allow_resume_changes)')
-  last_saved = first_step
   step_seconds = 0.0
   final = None
-  with loop.StopSignals(config.checkpoint_every_seconds) as stop:
-    try:
-      for step in range(first_step + 1, cadence.num_steps + 1):
-        t0 = time.time()
-        train_idx = data_lib.train_indices(config.seed, step - 1, num_examples=num_train,
-                                           batch_size=config.batch_size)
-        val_idx = data_lib.train_indices(config.seed + VAL_SEED_OFFSET, step - 1,
-                                         num_examples=num_val, batch_size=config.batch_size)
-        state, metrics = s.step_fn(state, s.data.batch('train', train_idx),
-                                   s.data.batch('val', val_idx))
-        pending.add(step, metrics)
-        step_seconds += time.time() - t0
+  with saves:
+    for step in range(first_step + 1, cadence.num_steps + 1):
+      t0 = time.time()
+      train_idx = data_lib.train_indices(config.seed, step - 1, num_examples=num_train,
+                                         batch_size=config.batch_size)
+      val_idx = data_lib.train_indices(config.seed + VAL_SEED_OFFSET, step - 1,
+                                       num_examples=num_val, batch_size=config.batch_size)
+      state, metrics = s.step_fn(state, s.data.batch('train', train_idx),
+                                 s.data.batch('val', val_idx))
+      pending.add(step, metrics)
+      step_seconds += time.time() - t0
 
-        epoch = step / s.steps_per_epoch
-        save = cadence.save(step) or stop.save_due()
-        if cadence.log(step) or save:
-          pending.check_finite(last_saved)
-        if cadence.log(step) or stop.signum:
-          writer.write_scalars(step, {**pending.summary(step), 'epoch': epoch})
-        if cadence.eval(step):  # every epoch
-          values = {**evaluate_val(s.data, s.eval_fn, state, config.eval_batch_size),
-                    'epoch': epoch}
-          genotype = _epoch_outputs(workdir, state, step, epoch, plots=config.plot_every_epoch)
-          writer.write_scalars(step, values)
-          logging.info('Step %d (epoch %.2f): val top-1 error %.4f; genotype %s', step, epoch,
-                       values['val_top1_error'], genotype)
-          if cadence.is_last(step):
-            final = values
-        if save:
-          if last_saved == first_step:
-            workdir_lib.record_config(workdir, config)
-          ckpt_lib.save(manager, workdir, step, state)
-          last_saved = step
-          stop.saved()
-        if stop.signum:
-          ckpt_lib.wait(manager, workdir)
-          writer.close()
-          raise loop.Stopped(stop.signum, step, ckpt_lib.checkpoint_dir(workdir))
-    except loop.NonFiniteLossError as e:
-      raise ckpt_lib.after_divergence(manager, workdir, e, config.log_every_steps) from None
-    finally:  # a failed search still completes the (finite) saves it began
-      ckpt_lib.wait(manager, workdir)
+      epoch = step / s.steps_per_epoch
+      save = saves.due(cadence, step)
+      if cadence.log(step) or save:
+        pending.check_finite(saves.last_saved)
+      if cadence.log(step) or saves.stopping:
+        writer.write_scalars(step, {**pending.summary(step), 'epoch': epoch})
+      if cadence.eval(step):  # every epoch
+        values = {**evaluate_val(s.data, s.eval_fn, state, config.eval_batch_size),
+                  'epoch': epoch}
+        genotype = _epoch_outputs(workdir, state, step, epoch, plots=config.plot_every_epoch)
+        writer.write_scalars(step, values)
+        logging.info('Step %d (epoch %.2f): val top-1 error %.4f; genotype %s', step, epoch,
+                     values['val_top1_error'], genotype)
+        if cadence.is_last(step):
+          final = values
+      if save:
+        saves.save(step, state)
+      saves.stop_if_asked(step, writer)
   writer.close()
 
   if final is None:  # nothing left to search: the workdir already held the last step
@@ -271,7 +258,7 @@ def _search(config: ml_collections.ConfigDict, workdir: str, start_time: float) 
       'resumed_from_step': restored_step, 'wall_time_s': time.time() - start_time,
       'search_step_seconds': step_seconds, 'num_devices': s.mesh.size,
       'config': config.to_dict()})
-  manager.close()
+  saves.close()
   return results
 
 

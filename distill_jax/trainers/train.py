@@ -153,8 +153,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
 def _train(run: Run, workdir: str, start_time: float, *, finished: dict | None) -> dict[str, Any]:
   config = run.config
-  manager = ckpt_lib.make_manager(workdir, keep=config.keep_checkpoints)
-  state, restored_step = ckpt_lib.restore_latest(manager, run.state, workdir)
+  saves = workdir_lib.Saves(workdir, config)
+  state, restored_step = saves.restore(run.state)
   first_step = int(jax.device_get(state.step))
   if restored_step is not None:
     logging.info('Resumed from %s at step %d.', ckpt_lib.checkpoint_dir(workdir), first_step)
@@ -162,7 +162,7 @@ def _train(run: Run, workdir: str, start_time: float, *, finished: dict | None) 
     workdir_lib.record_config(workdir, config)
     logging.info('%s has finished its %d steps; the changed fields train nothing more.',
                  workdir, run.num_train_steps)
-    manager.close()
+    saves.close()
     return finished
 
   writer = loop.create_writer(workdir, resume_step=restored_step)
@@ -179,44 +179,31 @@ def _train(run: Run, workdir: str, start_time: float, *, finished: dict | None) 
                                 hint='lower optimizer.learning_rate (and allow it with '
                                 '--config.allow_resume_changes=optimizer.learning_rate) or '
                                 'check the data')
-  last_saved = first_step
   train_seconds = 0.0
   final = None
-  with loop.StopSignals(config.checkpoint_every_seconds) as stop:
-    try:
-      for step in range(first_step + 1, run.num_train_steps + 1):
-        t0 = time.time()
-        idx = data_lib.train_indices(config.seed, step - 1,
-                                     num_examples=run.data.num_examples('train'),
-                                     batch_size=config.batch_size)
-        state, metrics = run.train_step(state, run.data.batch('train', idx), run.teacher_variables)
-        pending.add(step, metrics)
-        train_seconds += time.time() - t0
+  with saves:
+    for step in range(first_step + 1, run.num_train_steps + 1):
+      t0 = time.time()
+      idx = data_lib.train_indices(config.seed, step - 1,
+                                   num_examples=run.data.num_examples('train'),
+                                   batch_size=config.batch_size)
+      state, metrics = run.train_step(state, run.data.batch('train', idx), run.teacher_variables)
+      pending.add(step, metrics)
+      train_seconds += time.time() - t0
 
-        save = cadence.save(step) or stop.save_due()
-        if cadence.log(step) or save:
-          pending.check_finite(last_saved)
-        if cadence.log(step) or stop.signum:
-          values = pending.summary(step, prefix='train_')
-          writer.write_scalars(step, {**values, 'epoch': step / run.steps_per_epoch})
-        if cadence.eval(step):
-          values = evaluate_splits(run, state)
-          writer.write_scalars(step, values)
-          final = values if cadence.is_last(step) else None
-        if save:
-          if last_saved == first_step:
-            workdir_lib.record_config(workdir, config)
-          ckpt_lib.save(manager, workdir, step, state)
-          last_saved = step
-          stop.saved()
-        if stop.signum:
-          ckpt_lib.wait(manager, workdir)
-          writer.close()
-          raise loop.Stopped(stop.signum, step, ckpt_lib.checkpoint_dir(workdir))
-    except loop.NonFiniteLossError as e:
-      raise ckpt_lib.after_divergence(manager, workdir, e, config.log_every_steps) from None
-    finally:  # a failed run still completes the (finite) saves it began
-      ckpt_lib.wait(manager, workdir)
+      save = saves.due(cadence, step)
+      if cadence.log(step) or save:
+        pending.check_finite(saves.last_saved)
+      if cadence.log(step) or saves.stopping:
+        values = pending.summary(step, prefix='train_')
+        writer.write_scalars(step, {**values, 'epoch': step / run.steps_per_epoch})
+      if cadence.eval(step):
+        values = evaluate_splits(run, state)
+        writer.write_scalars(step, values)
+        final = values if cadence.is_last(step) else None
+      if save:
+        saves.save(step, state)
+      saves.stop_if_asked(step, writer)
   writer.close()
 
   if final is None:  # nothing left to train: the workdir already held the last step
@@ -227,7 +214,7 @@ def _train(run: Run, workdir: str, start_time: float, *, finished: dict | None) 
       'steps': run.num_train_steps, 'epochs': config.num_epochs, 'resumed_from_step': restored_step,
       'wall_time_s': time.time() - start_time, 'train_step_seconds': train_seconds,
       'num_devices': run.mesh.size, 'config': config.to_dict()})
-  manager.close()
+  saves.close()
   return results
 
 

@@ -19,10 +19,14 @@ import socket
 import subprocess
 from typing import Any, Iterable
 
+from absl import logging
 import jax
 import ml_collections
 
+import distill_jax
 from distill_jax import validation
+from distill_jax.trainers import checkpoint as ckpt_lib
+from distill_jax.trainers import loop
 
 CONFIG_FILE = 'config.json'
 LOCK_FILE = 'workdir.lock'
@@ -129,7 +133,6 @@ class Lock:
       host, pid = owner.get('host'), owner.get('pid')
       if host == socket.gethostname() and isinstance(pid, int) and not _alive(
           pid, owner.get('pid_start')):
-        from absl import logging  # pylint: disable=g-import-not-at-top
         logging.warning('Taking over %s: its process %d on %s is gone.', self.path, pid, host)
         try:
           os.remove(self.path)
@@ -174,7 +177,6 @@ def git_commit() -> str | None:
 
 
 def code_version() -> dict[str, Any]:
-  import distill_jax  # pylint: disable=g-import-not-at-top
   return {'distill_jax': distill_jax.__version__, 'git_commit': git_commit()}
 
 
@@ -224,8 +226,6 @@ def differences(old: dict, new: dict, free: Iterable[str]) -> list[str]:
 
 def _holds_state(workdir: str) -> bool:
   """Whether ``workdir`` holds a checkpoint or results (something a change would mix)."""
-  from distill_jax.trainers import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from distill_jax.trainers import loop  # pylint: disable=g-import-not-at-top
   return (os.path.exists(os.path.join(workdir, loop.RESULTS_FILE))
           or ckpt_lib.latest_step(workdir) is not None)
 
@@ -242,7 +242,6 @@ def check_config(workdir: str, config: ml_collections.ConfigDict, *,
   the first differing fields unless each is under ``extendable`` (e.g. an experiment's
   ``seeds``) or named by ``config.allow_resume_changes``.
   """
-  from distill_jax.trainers import loop  # pylint: disable=g-import-not-at-top
   allowed = allowed_changes(config)
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path) or not (_holds_state(workdir) if holds_state is None
@@ -264,7 +263,6 @@ def check_config(workdir: str, config: ml_collections.ConfigDict, *,
 def record_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Writes ``WORKDIR/config.json`` (process 0): the config, the code version, the first
   start and every change since (old and new values)."""
-  from distill_jax.trainers import loop  # pylint: disable=g-import-not-at-top
   if jax.process_index() != 0:
     return
   path = os.path.join(workdir, CONFIG_FILE)
@@ -280,3 +278,71 @@ def record_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     history.append({'time': now, 'fields': {f: [a.get(f), b.get(f)] for f in changed}})
   loop.write_json(path, {'config': new, 'code': code_version(),
                          'started': old['started'] if old else now, 'changes': history})
+
+
+# ---------------------------------------------------------------------------
+# The saves of one training loop.
+
+
+class Saves:
+  """``with Saves(workdir, config) as saves:`` around a training loop's steps.
+
+  Holds the loop's checkpoint manager and its :class:`~distill_jax.trainers.loop.StopSignals`:
+  :meth:`restore` resumes (with fallback, :func:`~distill_jax.trainers.checkpoint.restore_latest`),
+  :meth:`due` says whether a step saves (its cadence, the save interval or a stop signal),
+  :meth:`save` records the config at the first save and then saves, :meth:`stop_if_asked`
+  raises :class:`~distill_jax.trainers.loop.Stopped` after a signal. Leaving the block
+  waits for the saves in flight; a divergence leaves with the checkpoints saved within
+  one log interval before it moved aside
+  (:func:`~distill_jax.trainers.checkpoint.after_divergence`).
+  """
+
+  def __init__(self, workdir: str, config: ml_collections.ConfigDict):
+    self.workdir = workdir
+    self.config = config
+    self.manager = ckpt_lib.make_manager(workdir, keep=config.keep_checkpoints)
+    self.signals = loop.StopSignals(config.checkpoint_every_seconds)
+    self.last_saved = 0
+    self._recorded = False
+
+  def restore(self, target: Any) -> tuple[Any, int | None]:
+    state, step = ckpt_lib.restore_latest(self.manager, target, self.workdir)
+    self.last_saved = step or 0
+    return state, step
+
+  def due(self, cadence: loop.Cadence, step: int) -> bool:
+    return cadence.save(step) or self.signals.save_due()
+
+  @property
+  def stopping(self) -> bool:
+    return self.signals.signum is not None
+
+  def save(self, step: int, state: Any) -> None:
+    if not self._recorded:
+      record_config(self.workdir, self.config)
+      self._recorded = True
+    ckpt_lib.save(self.manager, self.workdir, step, state)
+    self.last_saved = step
+    self.signals.saved()
+
+  def stop_if_asked(self, step: int, writer: Any) -> None:
+    if self.signals.signum is not None:
+      ckpt_lib.wait(self.manager, self.workdir)
+      writer.close()
+      raise loop.Stopped(self.signals.signum, step, ckpt_lib.checkpoint_dir(self.workdir))
+
+  def __enter__(self) -> 'Saves':
+    self.signals.__enter__()
+    return self
+
+  def __exit__(self, exc_type, exc, tb) -> None:
+    try:
+      ckpt_lib.wait(self.manager, self.workdir)  # a failed run completes its (finite) saves
+      if isinstance(exc, loop.NonFiniteLossError):
+        raise ckpt_lib.after_divergence(self.manager, self.workdir, exc,
+                                        self.config.log_every_steps) from None
+    finally:
+      self.signals.__exit__(exc_type, exc, tb)
+
+  def close(self) -> None:
+    self.manager.close()
