@@ -26,7 +26,7 @@ from distill_jax.trainers import loop
 from distill_jax.trainers import teacher as teacher_lib
 from distill_jax.trainers import train as train_lib
 from distill_jax.trainers import workdir as workdir_lib
-from test_train import overrides, run_main
+from test_train import overrides, run_main, trained  # noqa: F401  (the finished run)
 
 # Restoring damaged files leaves orbax read coroutines unfinished; pytest reports them.
 pytestmark = pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
@@ -34,17 +34,8 @@ pytestmark = pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptio
 LAST = 88  # 2 epochs of 44 steps; checkpoints every 20 steps, the last 3 kept
 
 
-@pytest.fixture(scope='module')
-def finished(tmp_path_factory):
-  """A finished tiny run, copied by each test that changes it."""
-  workdir = str(tmp_path_factory.mktemp('finished'))
-  config = tiny_train_config()
-  results = train_lib.train_and_evaluate(config, workdir)
-  return config, workdir, results
-
-
-def copy_of(finished, tmp_path, name='run'):
-  config, workdir, results = finished
+def copy_of(trained, tmp_path, name='run'):
+  config, workdir, results = trained
   dest = str(tmp_path / name)
   shutil.copytree(workdir, dest)
   return config.copy_and_resolve_references(), dest, results
@@ -79,8 +70,8 @@ def forbid_compute(monkeypatch):
 @pytest.mark.parametrize('field,value', [
     ('optimizer.learning_rate', 0.01), ('seed', 3), ('batch_size', 16), ('num_epochs', 3),
     ('data.validation_fraction', 0.1), ('model.depth', 16), ('model.widen_factor', 2)])
-def test_another_config_is_refused_before_compute(finished, tmp_path, monkeypatch, field, value):
-  config, workdir, _ = copy_of(finished, tmp_path)
+def test_another_config_is_refused_before_compute(trained, tmp_path, monkeypatch, field, value):
+  config, workdir, _ = copy_of(trained, tmp_path)
   before = snapshot(workdir)
   forbid_compute(monkeypatch)
   changed = tiny_train_config(**{field: value})
@@ -92,16 +83,16 @@ def test_another_config_is_refused_before_compute(finished, tmp_path, monkeypatc
   assert snapshot(workdir) == before
 
 
-def test_an_unfinished_run_refuses_another_config_too(finished, tmp_path, monkeypatch):
-  config, workdir, _ = copy_of(finished, tmp_path)
+def test_an_unfinished_run_refuses_another_config_too(trained, tmp_path, monkeypatch):
+  config, workdir, _ = copy_of(trained, tmp_path)
   os.remove(os.path.join(workdir, loop.RESULTS_FILE))
   forbid_compute(monkeypatch)
   with pytest.raises(validation.ConfigError, match='optimizer.learning_rate'):
     train_lib.train_and_evaluate(tiny_train_config(**{'optimizer.learning_rate': 0.2}), workdir)
 
 
-def test_finished_run_with_bookkeeping_changes_does_nothing(finished, tmp_path, monkeypatch):
-  config, workdir, results = copy_of(finished, tmp_path)
+def test_finished_run_with_bookkeeping_changes_does_nothing(trained, tmp_path, monkeypatch):
+  config, workdir, results = copy_of(trained, tmp_path)
   before = snapshot(workdir)
   forbid_compute(monkeypatch)
   again = train_lib.train_and_evaluate(
@@ -110,8 +101,8 @@ def test_finished_run_with_bookkeeping_changes_does_nothing(finished, tmp_path, 
   assert snapshot(workdir) == before
 
 
-def test_allowed_num_epochs_extends_a_finished_run(finished, tmp_path):
-  config, workdir, results = copy_of(finished, tmp_path)
+def test_allowed_num_epochs_extends_a_finished_run(trained, tmp_path):
+  config, workdir, results = copy_of(trained, tmp_path)
   longer = tiny_train_config(num_epochs=3, allow_resume_changes='num_epochs')
   extended = train_lib.train_and_evaluate(longer, workdir)
   assert extended['resumed_from_step'] == LAST and extended['steps'] == 3 * 44
@@ -127,8 +118,8 @@ def test_allow_resume_changes_names_real_fields():
     train_lib.validate(tiny_train_config(allow_resume_changes='num_epochs,optimiser'))
 
 
-def test_config_json_records_config_and_code(finished):
-  config, workdir, _ = finished
+def test_config_json_records_config_and_code(trained):
+  config, workdir, _ = trained
   recorded = loop.read_json(os.path.join(workdir, workdir_lib.CONFIG_FILE))
   assert recorded['config'] == workdir_lib.effective(config)
   assert set(recorded['code']) == {'distill_jax', 'git_commit'} and recorded['started']
@@ -161,9 +152,9 @@ def truncate(path):
 
 
 @pytest.mark.parametrize('damage', ['flip', 'truncate', 'delete'])
-def test_damaged_latest_checkpoint_falls_back_and_resumes_exactly(finished, tmp_path, damage,
+def test_damaged_latest_checkpoint_falls_back_and_resumes_exactly(trained, tmp_path, damage,
                                                                   caplog):
-  config, workdir, results = copy_of(finished, tmp_path)
+  config, workdir, results = copy_of(trained, tmp_path)
   os.remove(os.path.join(workdir, loop.RESULTS_FILE))  # killed just after its last save
   for path in data_files(workdir, LAST)[-1:]:
     {'flip': flip, 'truncate': truncate, 'delete': os.remove}[damage](path)
@@ -178,8 +169,8 @@ def test_damaged_latest_checkpoint_falls_back_and_resumes_exactly(finished, tmp_
   assert any('Skipped checkpoint 88' in r.getMessage() for r in caplog.records)
 
 
-def test_every_checkpoint_damaged_is_one_line_and_moves_nothing(finished, tmp_path):
-  config, workdir, _ = copy_of(finished, tmp_path)
+def test_every_checkpoint_damaged_is_one_line_and_moves_nothing(trained, tmp_path):
+  config, workdir, _ = copy_of(trained, tmp_path)
   os.remove(os.path.join(workdir, loop.RESULTS_FILE))
   for step in (60, 80, LAST):
     flip(data_files(workdir, step)[-1])
@@ -189,8 +180,8 @@ def test_every_checkpoint_damaged_is_one_line_and_moves_nothing(finished, tmp_pa
   assert sorted(os.listdir(ckpt_lib.checkpoint_dir(workdir))) == ['60', '80', '88']
 
 
-def test_checksums_follow_the_kept_checkpoints(finished):
-  _, workdir, _ = finished
+def test_checksums_follow_the_kept_checkpoints(trained):
+  _, workdir, _ = trained
   kept = sorted(int(s) for s in os.listdir(ckpt_lib.checkpoint_dir(workdir)))
   recorded = sorted(int(f[:-5]) for f in os.listdir(os.path.join(workdir, ckpt_lib.CHECKSUM_DIR)))
   assert kept == [60, 80, LAST] and recorded == kept
@@ -212,8 +203,7 @@ def test_divergence_saves_no_bad_state_and_a_lower_rate_recovers(tmp_path):
     for step in manager.all_steps():
       state = ckpt_lib.restore_local(ckpt_lib.item_path(workdir, step))
       assert all(np.isfinite(x).all() for x in jax.tree.leaves(state['params'])), step
-  fixed = tiny_train_config(**{'checkpoint_every_steps': 1, 'keep_checkpoints': 50,
-                               'allow_resume_changes': 'optimizer.learning_rate'})
+  fixed = tiny_train_config(allow_resume_changes='optimizer.learning_rate')
   fixed.optimizer.learning_rate = 1e-3
   results = train_lib.train_and_evaluate(fixed, workdir)
   assert np.isfinite(results['test_loss']) and results['resumed_from_step'] in (None, 0)
@@ -223,8 +213,8 @@ def test_divergence_saves_no_bad_state_and_a_lower_rate_recovers(tmp_path):
 # Teachers.
 
 
-def test_a_teacher_must_have_finished(finished, tmp_path):
-  config, workdir, _ = copy_of(finished, tmp_path)
+def test_a_teacher_must_have_finished(trained, tmp_path):
+  config, workdir, _ = copy_of(trained, tmp_path)
   os.remove(os.path.join(workdir, loop.RESULTS_FILE))
   with pytest.raises(teacher_lib.TeacherError) as e:
     teacher_lib.load_teacher(config.model, workdir, (1, 8, 8, 1))
@@ -233,8 +223,8 @@ def test_a_teacher_must_have_finished(finished, tmp_path):
   assert teacher.source.endswith(f'{LAST}/default')
 
 
-def test_a_damaged_teacher_checkpoint_is_refused(finished, tmp_path):
-  config, workdir, _ = copy_of(finished, tmp_path)
+def test_a_damaged_teacher_checkpoint_is_refused(trained, tmp_path):
+  config, workdir, _ = copy_of(trained, tmp_path)
   flip(data_files(workdir, LAST)[-1])
   with pytest.raises(teacher_lib.TeacherError) as e:
     teacher_lib.load_teacher(config.model, workdir, (1, 8, 8, 1))
@@ -251,8 +241,8 @@ def write_lock(workdir, **owner):
                **owner}, f)
 
 
-def test_a_live_lock_refuses_a_second_process(finished, tmp_path, monkeypatch):
-  config, workdir, _ = copy_of(finished, tmp_path)
+def test_a_live_lock_refuses_a_second_process(trained, tmp_path, monkeypatch):
+  config, workdir, _ = copy_of(trained, tmp_path)
   os.remove(os.path.join(workdir, loop.RESULTS_FILE))
   write_lock(workdir)  # the parent process: alive
   forbid_compute(monkeypatch)
@@ -264,8 +254,8 @@ def test_a_live_lock_refuses_a_second_process(finished, tmp_path, monkeypatch):
     train_lib.train_and_evaluate(config, workdir)
 
 
-def test_a_stale_lock_is_taken_over(finished, tmp_path):
-  config, workdir, results = copy_of(finished, tmp_path)
+def test_a_stale_lock_is_taken_over(trained, tmp_path):
+  config, workdir, results = copy_of(trained, tmp_path)
   dead = subprocess.Popen(['true'])
   dead.wait()
   write_lock(workdir, pid=dead.pid)
@@ -316,9 +306,9 @@ def signal_at(monkeypatch, step, signum):
 
 
 @pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_saves_the_step_in_flight_and_resumes_exactly(finished, tmp_path, monkeypatch,
+def test_a_signal_saves_the_step_in_flight_and_resumes_exactly(trained, tmp_path, monkeypatch,
                                                                signum):
-  config, _, results = finished
+  config, _, results = trained
   workdir = str(tmp_path / 'signalled')
   previous = signal.getsignal(signum)
   signal_at(monkeypatch, 25, signum)
@@ -345,8 +335,8 @@ def test_time_based_checkpoints(tmp_path):
     assert manager.all_steps() == list(range(1, 45))
 
 
-def test_a_resume_writes_no_metrics_row_twice(finished, tmp_path):
-  config, workdir, results = copy_of(finished, tmp_path)
+def test_a_resume_writes_no_metrics_row_twice(trained, tmp_path):
+  config, workdir, results = copy_of(trained, tmp_path)
   os.remove(os.path.join(workdir, loop.RESULTS_FILE))
   shutil.rmtree(os.path.join(ckpt_lib.checkpoint_dir(workdir), str(LAST)))  # killed after 80
   resumed = train_lib.train_and_evaluate(config, workdir)
@@ -382,8 +372,8 @@ def read_events(path):
 
 @pytest.mark.e2e
 @pytest.mark.slow
-def test_sigterm_from_outside_exits_with_one_line_and_resumes(finished, tmp_path):
-  config, _, results = finished
+def test_sigterm_from_outside_exits_with_one_line_and_resumes(trained, tmp_path):
+  config, _, results = trained
   workdir = str(tmp_path / 'term')
   args = ['--config=configs/train.py:demo', f'--workdir={workdir}', *overrides(config),
           '--config.checkpoint_every_steps=1000']
