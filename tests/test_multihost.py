@@ -74,3 +74,32 @@ def test_two_processes_match_one_and_resume(tmp_path):
   resumed = _two_processes(multi, 2, '--config.allow_resume_changes=num_epochs')
   assert resumed['resumed_from_step'] == 44 and resumed['steps'] == 88
   assert int(_restore(multi)['step']) == 88
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_at_the_same_saved_step(tmp_path):
+  """The stop decision is all-gathered every step: both processes save one step and exit."""
+  import signal  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / 'term')
+  port = _free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, '-m', 'distill_jax.main', *ARGS, '--config.num_epochs=3',
+       '--config.checkpoint_every_steps=1000', f'--workdir={workdir}'], cwd=REPO,
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+      env=_env(2, JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}', JAX_NUM_PROCESSES='2',
+               JAX_PROCESS_ID=str(i))) for i in range(2)]
+  metrics = os.path.join(workdir, 'metrics.jsonl')
+  deadline = time.time() + 240
+  while not os.path.exists(metrics) and time.time() < deadline and procs[0].poll() is None:
+    time.sleep(0.2)
+  procs[1].send_signal(signal.SIGTERM)  # process 1 only
+  outputs = [p.communicate(timeout=300)[0] for p in procs]
+  step = ckpt_lib.latest_step(workdir)
+  for p, out in zip(procs, outputs):
+    assert p.returncode == 128 + signal.SIGTERM, out[-3000:]
+    assert out.strip().splitlines()[-1] == (
+        f'error: stopped by SIGTERM at step {step}: checkpoint saved in '
+        f'{ckpt_lib.checkpoint_dir(workdir)}; rerun the same command to resume')
+  assert 0 < step < 132

@@ -40,7 +40,9 @@ def attention_figure(path: str, images: np.ndarray, columns: list[tuple[str, np.
     fig.suptitle(title, fontsize=9)
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=120)
+  tmp = f'{path}.tmp{os.getpid()}.png'  # atomic: the pipeline skips a figure that exists
+  fig.savefig(tmp, dpi=120)
+  os.replace(tmp, path)
   plt.close(fig)
   return path
 

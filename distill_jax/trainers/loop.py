@@ -76,22 +76,25 @@ class StopSignals:
   """``with StopSignals(every_seconds) as stop:`` in a training loop.
 
   While inside, SIGTERM (what SLURM and preemptible VMs send) and SIGINT (Ctrl-C) only
-  set :attr:`signum`: the loop finishes the step in flight, saves and raises
-  :class:`Stopped`. :meth:`save_due` is also true once ``every_seconds`` (> 0) passed
-  since the last save. With several processes the decision is agreed by all (one tiny
-  all-gather per step), so every process saves the same step. Outside the main thread
-  signals are left alone.
+  note the request; the next :meth:`save_due` turns it into the decision
+  :attr:`signum` (the loop then saves that step and raises :class:`Stopped`), so a
+  signal arriving between the decision and the save waits for the next step.
+  :meth:`save_due` is also true once ``every_seconds`` (> 0) passed since the last save.
+  With several processes both decisions are all-gathered (one tiny all-gather per
+  step): a signal to any process stops all of them at the same saved step. Outside the
+  main thread signals are left alone.
   """
 
   def __init__(self, every_seconds: float = 0.0):
     self.every_seconds = float(every_seconds or 0.0)
-    self.signum: int | None = None
+    self.signum: int | None = None  # the agreed stop (set by save_due)
+    self._requested: int | None = None  # set by the handler
     self._previous: dict[int, Any] = {}
     self._last_save = time.monotonic()
 
   def _handle(self, signum, frame) -> None:
     del frame
-    self.signum = self.signum or signum
+    self._requested = self._requested or signum
 
   def __enter__(self) -> 'StopSignals':
     if threading.current_thread() is threading.main_thread():
@@ -105,16 +108,18 @@ class StopSignals:
     self._previous.clear()
 
   def save_due(self) -> bool:
-    """Whether to save now: a stop was asked for, or the save interval passed."""
-    local = int(self.signum or 0) * 2 + int(
-        bool(self.every_seconds) and time.monotonic() - self._last_save >= self.every_seconds)
+    """Whether to save now: a stop was asked for (by any process), or the save interval
+    passed (on any process)."""
+    requested = self._requested
+    timed = bool(self.every_seconds) and time.monotonic() - self._last_save >= self.every_seconds
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      gathered = np.asarray(multihost_utils.process_allgather(np.int32(local)))
-      stops = [int(v) // 2 for v in gathered.reshape(-1) if int(v) // 2]
-      self.signum = self.signum or (stops[0] if stops else None)
-      local = int(gathered.max())
-    return bool(local)
+      gathered = np.asarray(multihost_utils.process_allgather(
+          np.asarray([requested or 0, int(timed)], np.int32))).reshape(-1, 2)
+      requested = next((int(v) for v in gathered[:, 0] if v), None)
+      timed = bool(gathered[:, 1].any())
+    self.signum = self.signum or requested
+    return bool(self.signum) or timed
 
   def saved(self) -> None:
     self._last_save = time.monotonic()
