@@ -238,10 +238,5 @@ def display_name(model: dict) -> str:
   return name
 
 
-def check_seeds(config: ml_collections.ConfigDict) -> None:
-  if not config.seeds:
-    raise validation.ConfigError('config.seeds=() is invalid: give at least one seed')
-
-
 def network_table(demo: bool) -> dict:
   return config_lib.DEMO_NETWORKS if demo else config_lib.NETWORKS
