@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from distill_jax import config_lib
 from distill_jax import data as data_lib
 from distill_jax import losses
 from distill_jax import models
@@ -245,3 +246,19 @@ def validate_distill_config(config: ml_collections.ConfigDict) -> None:
     _check(config.distill.teacher_model.get('num_classes') == classes,
            'distill.teacher_model.num_classes', config.distill.teacher_model.get('num_classes'),
            f'must equal model.num_classes={classes}')
+
+
+def check_workdir_fields(config: ml_collections.ConfigDict) -> None:
+  """``allow_resume_changes`` names fields or sections of ``config`` (comma-separated);
+  ``checkpoint_every_seconds``, where the config has it, is a finite number >= 0."""
+  text = config.allow_resume_changes
+  _check(isinstance(text, str), 'allow_resume_changes', text,
+         "must be a string of comma-separated fields, e.g. 'num_epochs,optimizer.learning_rate'")
+  fields = config_lib.leaf_paths(config)
+  for name in filter(None, (n.strip() for n in text.split(','))):
+    _check(any(f == name or f.startswith(name + '.') for f in fields), 'allow_resume_changes',
+           text, f'{name!r} is not a field of this config; give comma-separated dotted names, '
+           'e.g. num_epochs,optimizer.learning_rate')
+  if 'checkpoint_every_seconds' in config:
+    check_non_negative(config, 'checkpoint_every_seconds')
+

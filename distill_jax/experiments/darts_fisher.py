@@ -77,6 +77,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if len(set(config.teachers)) != len(config.teachers):
     validation.fail('teachers', tuple(config.teachers), 'each kind at most once')
   validation.check_seeds(config)
+  validation.check_workdir_fields(config)
   if config.run.model.name != 'darts':
     raise validation.ConfigError(
         f'config.run.model.name={config.run.model.name!r} is invalid: the pipeline grows a '
@@ -395,7 +396,6 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   shard) reports; ``'report'`` and ``'evaluate'`` write the report and figure of the
   finished seeds."""
   validate(config)
-  workdir_lib.check_allowed_names(config)
   pipeline = Pipeline(config, workdir_lib.prepare(workdir))
   if options.mode == 'train':
     return pipeline.run(options)

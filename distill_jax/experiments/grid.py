@@ -77,6 +77,8 @@ def tasks(config: ml_collections.ConfigDict, workdir: str) -> list[runs.Task]:
 def validate(config: ml_collections.ConfigDict) -> None:
   """The grid's own fields, then every run's config, before any compute."""
   validation.check_bool(config, 'demo_networks')
+  validation.check_positive(config, 'shard_wait_timeout_s')
+  validation.check_workdir_fields(config)
   table = runs.network_table(config.demo_networks)
   for field in ('teachers', 'students'):
     for key in config[field]:
@@ -96,8 +98,6 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   """Trains this shard's missing runs (``mode='train'``), then writes the report of the
   finished runs (every mode; with several shards, run ``--mode=report`` at the end)."""
   validate(config)
-  validation.check_positive(config, 'shard_wait_timeout_s')
-  workdir_lib.check_allowed_names(config)
   workdir = workdir_lib.prepare(workdir)
   all_tasks = tasks(config, workdir)
   report = os.path.join(workdir, 'report.md')

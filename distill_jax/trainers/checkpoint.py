@@ -38,12 +38,10 @@ def one_line(e: BaseException) -> str:
 
 
 def _host_array(x: Any) -> np.ndarray | None:
-  """A host copy of a replicated (or local) array; ``None`` for a sharded one."""
-  if isinstance(x, jax.Array):
-    if not x.is_fully_replicated and not x.is_fully_addressable:
-      return None
-    return np.asarray(x.addressable_shards[0].data if not x.is_fully_addressable else x)
-  return np.asarray(x)
+  """A host copy of one replica of ``x``; ``None`` for an array sharded over hosts."""
+  if not isinstance(x, jax.Array) or x.is_fully_addressable:
+    return np.asarray(x)
+  return np.asarray(x.addressable_shards[0].data) if x.is_fully_replicated else None
 
 
 def _key(path) -> str:
@@ -247,3 +245,12 @@ def item_path(workdir: str, step: int | None = None) -> str:
   """The item folder of ``step`` (default: the latest) in a run's workdir."""
   step = latest_step(workdir) if step is None else step
   return os.path.join(checkpoint_dir(workdir), str(step), 'default')
+
+
+def verify_item(item: str, tree: Any) -> str | None:
+  """:func:`verify` for a tree restored from an item folder ``WORKDIR/checkpoints/STEP/default``."""
+  step_dir = os.path.dirname(os.path.abspath(item))
+  if not os.path.basename(step_dir).isdigit():
+    return None
+  workdir = os.path.dirname(os.path.dirname(step_dir))
+  return verify(workdir, int(os.path.basename(step_dir)), tree)

@@ -80,10 +80,13 @@ class StopSignals:
   :attr:`signum` (the loop then saves that step and raises :class:`Stopped`), so a
   signal arriving between the decision and the save waits for the next step.
   :meth:`save_due` is also true once ``every_seconds`` (> 0) passed since the last save.
-  With several processes both decisions are all-gathered (one tiny all-gather per
-  step): a signal to any process stops all of them at the same saved step. Outside the
-  main thread signals are left alone.
+  With several processes both decisions are all-gathered every ``agree_every`` steps
+  (a host sync: not every step, so the step in flight keeps the devices busy): a signal
+  to any process stops all of them at the same saved step. Outside the main thread
+  signals are left alone.
   """
+
+  agree_every = 10
 
   def __init__(self, every_seconds: float = 0.0):
     self.every_seconds = float(every_seconds or 0.0)
@@ -107,9 +110,11 @@ class StopSignals:
       signal.signal(sig, handler)
     self._previous.clear()
 
-  def save_due(self) -> bool:
-    """Whether to save now: a stop was asked for (by any process), or the save interval
-    passed (on any process)."""
+  def save_due(self, step: int) -> bool:
+    """Whether to save at ``step``: a stop was asked for (by any process), or the save
+    interval passed (on any process)."""
+    if jax.process_count() > 1 and step % self.agree_every:
+      return bool(self.signum)
     requested = self._requested
     timed = bool(self.every_seconds) and time.monotonic() - self._last_save >= self.every_seconds
     if jax.process_count() > 1:

@@ -57,6 +57,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   value of a search config; runs before any compute."""
   validation.check_dataset(config)
   validation.check_seed(config)
+  validation.check_workdir_fields(config)
   validation.check_int(config, 'order', 1)
   validation.check_choice(config, 'order', ORDERS)
   validation.check_choice(config, 'hessian', HESSIANS)
@@ -309,8 +310,6 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   'evaluate' scores the latest checkpoint (:func:`evaluate`), 'report' rewrites its
   genotype and pictures (:func:`report`)."""
   validate(config)
-  validation.check_non_negative(config, 'checkpoint_every_seconds')
-  workdir_lib.check_allowed_names(config)
   if options.num_shards > 1:
     raise validation.ConfigError(
         f'--shard={options.shard}/{options.num_shards} is invalid for '

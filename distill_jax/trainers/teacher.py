@@ -79,10 +79,7 @@ def load_teacher(model_config: dict, path: str, input_shape: tuple[int, ...], *,
   except Exception as e:  # truncated or deleted files: orbax and tensorstore errors
     raise TeacherError(f'teacher checkpoint {item} cannot be restored: '
                        f'{ckpt_lib.one_line(e)}') from None
-  step_dir = os.path.dirname(item)
-  problem = ckpt_lib.verify(os.path.dirname(os.path.dirname(step_dir)),
-                            int(os.path.basename(step_dir)), restored) if os.path.basename(
-                                step_dir).isdigit() else None
+  problem = ckpt_lib.verify_item(item, restored)
   if problem:
     raise TeacherError(f'teacher checkpoint {item} is damaged: {problem}')
   variables = {'params': restored['params'], 'batch_stats': restored.get('batch_stats', {})}

@@ -246,8 +246,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     validation.validate_distill_config(config)
   else:
     validation.validate_train_config(config)
-  validation.check_non_negative(config, 'checkpoint_every_seconds')
-  workdir_lib.check_allowed_names(config)
+  validation.check_workdir_fields(config)
 
 
 def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

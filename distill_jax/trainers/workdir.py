@@ -44,11 +44,6 @@ class WorkdirError(OSError):
   """The workdir cannot be used as asked; the message is one line naming the path."""
 
 
-def _one_line(e: BaseException) -> str:
-  text = str(e).strip().splitlines()
-  return f'{type(e).__name__}: {text[0][:300]}' if text else type(e).__name__
-
-
 def prepare(workdir: str) -> str:
   """The absolute path of ``workdir``, created and checked writable (one line if not)."""
   if not workdir or not str(workdir).strip():
@@ -63,7 +58,7 @@ def prepare(workdir: str) -> str:
       f.write('ok')
     os.remove(probe)
   except OSError as e:
-    raise WorkdirError(f'workdir {path} is not writable ({e.strerror or _one_line(e)}); '
+    raise WorkdirError(f'workdir {path} is not writable ({e.strerror or ckpt_lib.one_line(e)}); '
                        'use another --workdir') from None
   return path
 
@@ -201,16 +196,6 @@ def allowed_changes(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   return tuple(name.strip() for name in text.split(',') if name.strip())
 
 
-def check_allowed_names(config: ml_collections.ConfigDict) -> None:
-  """Each name in ``allow_resume_changes`` is a field or section of ``config``."""
-  fields = _flat(effective(config))
-  for name in allowed_changes(config):
-    if not any(f == name or f.startswith(name + '.') for f in fields):
-      validation.fail('allow_resume_changes', config.allow_resume_changes,
-                      f'{name!r} is not a field of this config; give comma-separated dotted '
-                      'names, e.g. num_epochs,optimizer.learning_rate')
-
-
 def _covered(field: str, names: Iterable[str]) -> bool:
   return any(field == n or field.startswith(n + '.') for n in names)
 
@@ -311,7 +296,7 @@ class Saves:
     return state, step
 
   def due(self, cadence: loop.Cadence, step: int) -> bool:
-    return cadence.save(step) or self.signals.save_due()
+    return cadence.save(step) or self.signals.save_due(step)
 
   @property
   def stopping(self) -> bool:
