@@ -4,6 +4,7 @@ after :func:`setup_jax` has prepared devices, hosts and the compilation cache.""
 from __future__ import annotations
 
 import os
+import time
 
 from absl import logging
 import jax
@@ -70,9 +71,38 @@ def setup_jax(*, cpu_devices: int = 0) -> None:
   logging.get_absl_handler().addFilter(_DropLibraryChatter())
   cache = compilation_cache_dir()
   if cache:
-    jax.config.update('jax_compilation_cache_dir', cache)
-    jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
-    jax.config.update('jax_compilation_cache_max_size', CACHE_MAX_BYTES)  # oldest evicted
+    use_compilation_cache(cache)
+
+
+def use_compilation_cache(cache: str, min_compile_time_secs: float = 1.0) -> None:
+  """Keeps compiled programs in ``cache``, at most :data:`CACHE_MAX_BYTES` (oldest evicted).
+
+  JAX's bounded cache keeps an access time beside each entry and fails to write (a warning
+  per compile, nothing cached) when an entry lacks one, as entries written by an unbounded
+  cache (JAX's default) do: those get one first.
+  """
+  add_missing_access_times(cache)
+  jax.config.update('jax_compilation_cache_dir', cache)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', min_compile_time_secs)
+  jax.config.update('jax_compilation_cache_max_size', CACHE_MAX_BYTES)
+
+
+def add_missing_access_times(cache: str) -> int:
+  """Writes the access-time file JAX's bounded cache expects beside every entry of
+  ``cache`` without one (now, as 8 little-endian bytes of ns); returns how many."""
+  if not os.path.isdir(cache):
+    return 0
+  names = set(os.listdir(cache))
+  missing = [n[:-len('-cache')] for n in names
+             if n.endswith('-cache') and n[:-len('-cache')] + '-atime' not in names]
+  now = time.time_ns().to_bytes(8, 'little')
+  for key in missing:
+    try:
+      with open(os.path.join(cache, key + '-atime'), 'xb') as f:
+        f.write(now)
+    except OSError:  # another process wrote it, or the folder is read-only: JAX says so
+      pass
+  return len(missing)
 
 
 DEFAULT_CACHE = os.path.join('~', '.cache', 'distill_jax', 'xla')

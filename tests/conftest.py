@@ -12,10 +12,13 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+from distill_jax import jobs  # noqa: E402
+
 CACHE_DIR = os.environ.get(
     'DISTILL_JAX_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'distill_jax', 'xla'))
-jax.config.update('jax_compilation_cache_dir', CACHE_DIR)
-jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+# Bounded as the job's own cache is, so that the jobs the tests start in subprocesses
+# (JAX_COMPILATION_CACHE_DIR=CACHE_DIR) can write to it too.
+jobs.use_compilation_cache(CACHE_DIR, min_compile_time_secs=0.5)
 # Tiny test models are compile-bound: trade step speed for shorter compiles.
 jax.config.update('jax_disable_most_optimizations', True)
 

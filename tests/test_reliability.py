@@ -509,3 +509,18 @@ def test_compilation_cache_can_be_moved_or_disabled(monkeypatch, tmp_path):
   monkeypatch.delenv('DISTILL_JAX_COMPILATION_CACHE')
   monkeypatch.delenv('JAX_COMPILATION_CACHE_DIR', raising=False)
   assert jobs.compilation_cache_dir() == os.path.expanduser('~/.cache/distill_jax/xla')
+
+
+def test_bounded_cache_writes_beside_entries_of_an_unbounded_one(tmp_path):
+  """JAX's bounded cache fails every write when an entry lacks its access time (as those an
+  unbounded cache wrote do); the job gives them one before using the folder."""
+  from jax._src import lru_cache  # pylint: disable=g-import-not-at-top  (the cache JAX uses)
+  from distill_jax import jobs  # pylint: disable=g-import-not-at-top
+  lru_cache.LRUCache(str(tmp_path), max_size=-1).put('old', b'x' * 10)  # unbounded: no atime
+  bounded = lru_cache.LRUCache(str(tmp_path), max_size=jobs.CACHE_MAX_BYTES)
+  with pytest.raises(FileNotFoundError):
+    bounded.put('new', b'y' * 10)
+  assert jobs.add_missing_access_times(str(tmp_path)) == 1
+  assert jobs.add_missing_access_times(str(tmp_path)) == 0
+  bounded.put('new', b'y' * 10)
+  assert bounded.get('new') == b'y' * 10 and bounded.get('old') == b'x' * 10
