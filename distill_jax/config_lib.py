@@ -45,7 +45,7 @@ def network(key: str, *, num_classes: int = 10, demo: bool = False) -> ml_collec
 def data_section(validation_fraction: float = 0.0) -> ml_collections.ConfigDict:
   """The dataset and its augmentation (CIFAR-10 defaults: 4-px padded crop and flip)."""
   d = ml_collections.ConfigDict()
-  d.name = 'cifar10'          # digits | cifar10 | cifar100
+  d.name = 'cifar10'          # digits | cifar10 | cifar100 | another tfds name | a registered one
   d.data_dir = ''             # tfds data_dir ('' = tfds default); never downloads
   d.validation_fraction = validation_fraction  # part of the training split held out as 'val'
   d.crop_padding = 4          # random crop of the padded image
@@ -64,7 +64,7 @@ def train_config() -> ml_collections.ConfigDict:
 
   c.data = data_section()
 
-  c.model = network('wrn_16_2')
+  c.model = network('wrn_16_2')  # or your own: models.register_model, 'package.module:Class'
   c.model.dropout_rate = 0.0
 
   c.num_epochs = 200

@@ -3,6 +3,7 @@ after :func:`setup_jax` has prepared devices, hosts and the compilation cache.""
 
 from __future__ import annotations
 
+import logging as std_logging
 import os
 import time
 
@@ -69,6 +70,8 @@ def setup_jax(*, cpu_devices: int = 0) -> None:
   elif os.environ.get('SLURM_NTASKS', '1') != '1' or os.environ.get('DISTILL_JAX_DISTRIBUTED') == '1':
     jax.distributed.initialize()
   logging.get_absl_handler().addFilter(_DropLibraryChatter())
+  # "Unable to initialize backend 'tpu'" and the like on every start: JAX's own INFO lines.
+  std_logging.getLogger('jax._src.xla_bridge').setLevel(std_logging.WARNING)
   cache = compilation_cache_dir()
   if cache:
     use_compilation_cache(cache)
@@ -146,3 +149,33 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   """Runs ``config.job`` in ``workdir``; returns its results (a dict: a run's results, or
   an experiment's ``report`` path with what it trained)."""
   return job_module(config).run(config, workdir, options)
+
+
+def _percent(results: dict, key: str) -> str:
+  value = results.get(key)
+  return 'n/a' if value is None else f'{100.0 * float(value):.2f} %'
+
+
+def summary_line(config: ml_collections.ConfigDict, workdir: str, options: JobOptions,
+                 results: dict) -> str:
+  """The one line a finished job ends with: its error in percent and where its results are."""
+  job = config.get('job', 'train')
+  if 'report' in results:  # an experiment (the grid, the pipeline)
+    trained = len(results.get('trained') or [])
+    if results['report'] is None:
+      return (f'Shard {options.shard}/{options.num_shards} of {job} done ({trained} tasks '
+              f'computed now); when every shard is done: --mode=report --workdir={workdir}')
+    return f'{job}: {trained} tasks computed now; report in {results["report"]}'
+  if 'genotype' in results and 'val_top1_error' in results:  # a search
+    where = 'results.json' if options.mode == 'train' else 'its checkpoint'
+    return (f'{job}: validation top-1 error {_percent(results, "val_top1_error")}, genotype in '
+            f'{os.path.join(workdir, "genotype.json")} ({where})')
+  if 'genotype' in results:
+    return f'{job}: genotype and pictures rewritten in {workdir}'
+  errors = (f'test top-1 error {_percent(results, "test_top1_error")}, '
+            f'top-5 {_percent(results, "test_top5_error")}')
+  if options.mode == 'evaluate':
+    return (f'{job}: step {results.get("step")} evaluated: {errors}; written to '
+            f'{os.path.join(workdir, "eval_results.json")}')
+  return (f'{job}: {errors} after {results.get("epochs")} epochs (final epoch); results in '
+          f'{os.path.join(workdir, loop.RESULTS_FILE)}')

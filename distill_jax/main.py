@@ -18,11 +18,15 @@ import signal
 import sys
 import traceback
 
-from absl import app
-from absl import flags
-from absl import logging
-import ml_collections
-from ml_collections import config_flags
+# TensorFlow (loaded by tensorflow-datasets for CIFAR) reads this once, when it loads.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from distill_jax import config_lib
 from distill_jax import jobs
@@ -214,7 +218,10 @@ def main(argv):
   try:
     jobs.setup_jax(cpu_devices=FLAGS.cpu_devices)
     _validate(FLAGS.config)
-    jobs.run(FLAGS.config, FLAGS.workdir, options)
+    results = jobs.run(FLAGS.config, FLAGS.workdir, options)
+    logging.flush()
+    if jax.process_index() == 0:
+      print(jobs.summary_line(FLAGS.config, FLAGS.workdir, options, results), flush=True)
   except loop.Stopped as e:  # exit status 128 + signal, as a shell reports a killed process
     logging.flush()
     print(f'error: {e}', file=sys.stderr)

@@ -128,13 +128,11 @@ def check_seeds(config: ml_collections.ConfigDict, field: str = 'seeds') -> None
 
 
 def check_model(model_config: ml_collections.ConfigDict, field: str = 'model') -> None:
-  """The model's name is registered, its fields are the network's own and their values
-  build it (sizes, genotype), checked without initialising anything."""
+  """The model's name is built in, registered or an importable 'package.module:Class',
+  its fields are the network's own and their values build it (sizes, genotype), checked
+  without initialising anything."""
   cfg = dict(model_config)
   name = cfg.pop('name', None)
-  if name not in models.model_names():
-    raise ConfigError(f'config.{field}.name={name!r} is not a known network; '
-                      f'known: {", ".join(models.model_names())}')
   try:
     models.check_model(name, **cfg)
   except (TypeError, ValueError) as e:
@@ -143,18 +141,40 @@ def check_model(model_config: ml_collections.ConfigDict, field: str = 'model') -
                       else f'config.{field}: {msg}') from None
 
 
-def check_dataset(config: ml_collections.ConfigDict) -> None:
-  """``data.name`` is a known dataset, and what reads it is installed."""
-  check_choice(config, 'data.name', sorted(data_lib.NUM_CLASSES))
-  _check(config.data.name not in data_lib.TFDS_NAMES
-         or importlib.util.find_spec('tensorflow_datasets') is not None,
-         'data.name', config.data.name,
+def check_compute_dtype(config: ml_collections.ConfigDict, field: str = 'model') -> None:
+  """``compute_dtype`` is known, and a network without a ``dtype`` field runs in float32."""
+  check_choice(config, 'compute_dtype', ('float32', 'bfloat16'))
+  name = get(config, field).name
+  _check(config.compute_dtype == 'float32' or 'dtype' in models.model_fields(name),
+         'compute_dtype', config.compute_dtype,
+         f'{field}.name={name!r} has no dtype field, so it computes in float32 only; use '
+         'float32 or give the network a dtype field')
+
+
+def dataset_info(config: ml_collections.ConfigDict) -> tuple[int, tuple[int, int, int]]:
+  """``(num_classes, image_shape)`` of ``config.data``, as a ConfigError if unknown."""
+  try:
+    return data_lib.dataset_info(config.data.name, config.data.data_dir or None)
+  except (ValueError, data_lib.DatasetNotFoundError) as e:
+    msg = str(e)
+    raise ConfigError('config.' + msg if msg.startswith('data.name=') else
+                      f'config.data.name={config.data.name!r} is invalid: {msg}') from None
+
+
+def check_dataset(config: ml_collections.ConfigDict) -> tuple[int, tuple[int, int, int]]:
+  """``data.name`` is built in, registered or a tensorflow-datasets image classification
+  dataset (and tensorflow-datasets is installed); returns ``(num_classes, image_shape)``."""
+  name = config.data.name
+  _check(name == 'digits' or name in data_lib.registered_datasets()
+         or not isinstance(name, str) or importlib.util.find_spec('tensorflow_datasets') is not None,
+         'data.name', name,
          f'it is read through tensorflow-datasets, which is not installed: {data_lib.CIFAR_EXTRA}')
+  return dataset_info(config)
 
 
 def check_augmentation(config: ml_collections.ConfigDict) -> None:
   """Crop padding and cutout fit the image; pad mode and flip are known values."""
-  height, width, _ = data_lib.IMAGE_SHAPES[config.data.name]
+  height, width, _ = dataset_info(config)[1]
   size = min(height, width)
   for field in ('data.crop_padding', 'data.cutout'):
     check_non_negative(config, field, integer=True)
@@ -203,10 +223,9 @@ def _check_optimizer(config: ml_collections.ConfigDict) -> None:
 
 def validate_train_config(config: ml_collections.ConfigDict) -> None:
   """Raises :class:`ConfigError` for the first impossible value of a training config."""
-  check_dataset(config)
+  classes, _ = check_dataset(config)
   check_seed(config)
   check_model(config.model)
-  classes = data_lib.NUM_CLASSES[config.data.name]
   _check(config.model.get('num_classes') == classes, 'model.num_classes',
          config.model.get('num_classes'), f'dataset {config.data.name!r} has {classes} classes')
   check_range(config, 'data.validation_fraction', 0, 1, closed='[)')
@@ -218,7 +237,7 @@ def validate_train_config(config: ml_collections.ConfigDict) -> None:
     check_non_negative(config, field, integer=True)
   check_devices(config)
   _check_optimizer(config)
-  check_choice(config, 'compute_dtype', ('float32', 'bfloat16'))
+  check_compute_dtype(config)
   check_non_negative(config, 'aux_weight')
   check_range(config, 'drop_path_prob', 0, 1, closed='[)')
   if config.aux_weight:
@@ -242,6 +261,7 @@ def validate_distill_config(config: ml_collections.ConfigDict) -> None:
          'must be a directory path or empty')
   if config.distill.method != 'none':
     check_model(config.distill.teacher_model, 'distill.teacher_model')
+    check_compute_dtype(config, 'distill.teacher_model')
     classes = config.model.num_classes
     _check(config.distill.teacher_model.get('num_classes') == classes,
            'distill.teacher_model.num_classes', config.distill.teacher_model.get('num_classes'),

@@ -4,6 +4,7 @@ The resumed run also records every read of its config: each field of the shipped
 must be read by some stage (see tests/test_config_reads.py).
 """
 
+import csv
 import json
 import os
 import signal
@@ -82,12 +83,23 @@ def test_pipeline_killed_resumed_finished_and_rerun_does_nothing(tmp_path, unrec
   assert json.load(open(os.path.join(student, 'results.json')))['resumed_from_step'] == killed_step
 
   text = open(report).read()
-  for row in ('| N/A | DARTS_V1-3 |', '| DARTS_V1-4 | DARTS_V1-3 |', '| DARTS_V1-3-f | DARTS_V1-3 |'):
+  # Names of the networks' own sizes (C=4, not the paper's 16); the teachers' own error.
+  for row in ('| N/A | DARTS_V1-3-C4 |', '| DARTS_V1-4-C4 | DARTS_V1-3-C4 |',
+              '| DARTS_V1-3-C4-f | DARTS_V1-3-C4 |'):
     assert row in text
-  assert 'DARTS_V1-3-u' not in text
-  assert 'Teacher params' in text and os.path.exists(os.path.join(workdir, 'report.csv'))
+  assert 'DARTS_V1-3-C4-u' not in text
+  assert 'Teacher params' in text and 'Teacher error' in text and 'over 1 seed (0)' in text
+  assert 'is smaller than the paper\'s DARTS_V1-10' in text and 'Warning' not in text
+  with open(os.path.join(workdir, 'report.csv')) as f:
+    per_run = list(csv.DictReader(f))
+  assert sorted(r['kind'] for r in per_run) == ['distilled'] * 2 + ['student'] + ['teacher'] * 2
+  assert all(int(r['teacher_params']) > int(r['student_params'])
+             for r in per_run if r['kind'] == 'distilled')
+  assert os.path.exists(os.path.join(workdir, 'report_summary.csv'))
   with open(os.path.join(workdir, 'attention.png'), 'rb') as f:
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+  with open(os.path.join(workdir, 'attention.pdf'), 'rb') as f:
+    assert f.read(4) == b'%PDF'
 
   fisher = json.load(open(os.path.join(workdir, 'fisher', 'seed0.json')))
   assert sorted(fisher['cell_totals']) == ['cell0/output', 'cell1/output', 'cell2/output']
@@ -115,7 +127,14 @@ def test_pipeline_killed_resumed_finished_and_rerun_does_nothing(tmp_path, unrec
   assert os.path.getmtime(report) == report_mtime
   time.sleep(0.01)
   jobs.run(two_seeds, workdir, JobOptions(mode='report'))
-  assert os.path.getmtime(report) > report_mtime and open(report).read() == text
+  again = open(report).read()
+  assert os.path.getmtime(report) > report_mtime
+  # The same table, and a warning naming seed 1's runs (not started) instead of silence.
+  table = lambda t: [line for line in t.splitlines() if line.startswith('|')]
+  assert table(again) == table(text)
+  assert 'Seeds left out of the table (not every task has finished): 1.' in again
+  assert '**Warning: 5 of 10 runs have not finished' in again
+  assert '- student seed 1 (student/seed1)' in again
   with pytest.raises(validation.ConfigError, match=r'no seed of config.seeds=\(5,\) has finished'):
     jobs.run(set_fields(tiny_config(), {'seeds': (5,)}), workdir, JobOptions(mode='report'))
 

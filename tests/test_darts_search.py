@@ -32,6 +32,7 @@ from distill_jax.models.supernet import EDGES, SuperNetwork, edge_index
 from distill_jax.options import JobOptions
 from distill_jax.trainers import checkpoint as ckpt_lib
 from distill_jax.trainers import search
+from distill_jax.trainers import search_plots
 from distill_jax.trainers import search_step
 
 
@@ -155,10 +156,15 @@ def test_search_changes_alphas_and_writes_a_buildable_genotype(searched):
   assert any('val_top1_error' in r for r in rows)
   history = [json.loads(line) for line in open(os.path.join(workdir, 'genotypes.jsonl'))]
   assert len(history) == 1 and history[0]['genotype'] == results['genotype']
-  for name in ('alphas.png', 'normal_cell.png', 'reduce_cell.png'):
+  # The epoch's alphas (softmax) are kept for the alphas-over-epochs plot.
+  np.testing.assert_allclose(history[0]['alphas_softmax']['normal'],
+                             results['alphas_softmax']['normal'], atol=1e-5)
+  for name in ('alphas.png', 'alphas_history.png', 'normal_cell.png', 'reduce_cell.png'):
     with open(os.path.join(workdir, name), 'rb') as f:
       assert f.read(8) == b'\x89PNG\r\n\x1a\n'
   assert any(f.startswith('events.out.tfevents') for f in os.listdir(workdir))
+  (images,) = [f for f in os.listdir(workdir) if f.endswith('.images')]  # the pictures
+  assert b'alphas_history' in open(os.path.join(workdir, images), 'rb').read()
 
 
 class Interrupted(Exception):
@@ -212,7 +218,7 @@ def test_report_mode_rewrites_the_genotype_and_pictures(searched, tmp_path):
   config, workdir, results = searched
   copy = str(tmp_path / 'copy')
   shutil.copytree(workdir, copy)
-  pictures = ('alphas.png', 'normal_cell.png', 'reduce_cell.png')
+  pictures = ('alphas.png', 'alphas_history.png', 'normal_cell.png', 'reduce_cell.png')
   for name in ('genotype.json', *pictures):
     os.remove(os.path.join(copy, name))
   before = sorted(os.listdir(copy))
@@ -460,3 +466,104 @@ def test_configs_file_defaults_and_variants():
   search.validate(demo)
   assert load_config('darts_search', 'demo,second_order').order == 2
   assert load_config('darts_search', 'first_order').order == 1
+
+
+# ---------------------------------------------------------------------------- pictures
+
+
+def _distance_to_path(points: np.ndarray, path: np.ndarray) -> np.ndarray:
+  """Each point's distance to the polyline ``path``."""
+  a, b = path[:-1], path[1:]
+  d = b - a
+  t = np.clip(np.einsum('psk,sk->ps', points[:, None] - a[None], d)
+              / np.maximum((d ** 2).sum(-1), 1e-12), 0.0, 1.0)
+  nearest = a[None] + t[..., None] * d[None]
+  return np.linalg.norm(points[:, None] - nearest, axis=-1).min(axis=1)
+
+
+# Edges into one node from its two predecessors, arcs of every span, one node fed twice
+# by the same state, and the published cells.
+CROWDED = G.Genotype(
+    normal=(('sep_conv_3x3', 0), ('sep_conv_3x3', 1), ('skip_connect', 2), ('sep_conv_5x5', 1),
+            ('dil_conv_3x3', 2), ('max_pool_3x3', 3), ('avg_pool_3x3', 2), ('skip_connect', 4)),
+    normal_concat=(2, 3, 4, 5),
+    reduce=(('max_pool_3x3', 0), ('avg_pool_3x3', 0), ('skip_connect', 2), ('skip_connect', 2),
+            ('dil_conv_5x5', 3), ('sep_conv_3x3', 0), ('sep_conv_3x3', 4), ('dil_conv_3x3', 3)),
+    reduce_concat=(2, 3, 4, 5))
+
+
+@pytest.mark.parametrize('genotype', [CROWDED, *G.GENOTYPES.values()])
+def test_cell_edges_do_not_lie_on_top_of_each_other(genotype):
+  for kind in ('normal', 'reduce'):
+    paths = search_plots.cell_edge_paths(getattr(genotype, kind),
+                                         getattr(genotype, f'{kind}_concat'))
+    assert len(paths) == 8 + 4
+    mids = np.stack([p['points'][len(p['points']) // 2] for p in paths])
+    gaps = np.linalg.norm(mids[:, None] - mids[None], axis=-1) + np.eye(len(mids)) * 9
+    assert gaps.min() > 0.2, kind
+    for i, p in enumerate(paths):
+      for q in paths[i + 1:]:
+        near = _distance_to_path(p['points'], q['points']) < 0.04
+        assert near.mean() < 0.1, (kind, p['op'], p['src'], p['dst'], q['src'], q['dst'])
+    # A node's two incoming edges end apart (they fan in).
+    for node in range(G.NUM_NODES):
+      a, b = paths[2 * node]['points'][-1], paths[2 * node + 1]['points'][-1]
+      assert np.linalg.norm(a - b) > 0.15
+
+
+def test_alpha_history_keeps_the_last_line_of_a_step_and_skips_bad_lines(tmp_path):
+  path = tmp_path / 'genotypes.jsonl'
+  w = lambda v: {k: np.full((14, 8), v).tolist() for k in ('normal', 'reduce')}
+  lines = [{'step': 10, 'epoch': 1.0, 'alphas_softmax': w(0.1)},
+           {'step': 20, 'epoch': 2.0, 'alphas_softmax': w(0.2)},
+           {'step': 20, 'epoch': 2.0, 'alphas_softmax': w(0.3)},  # the resumed run's
+           {'step': 30, 'epoch': 3.0}]  # an older search's line: no alphas
+  path.write_text(''.join(json.dumps(x) + '\n' for x in lines) + '{"step": 40, "ep')
+  history = search_plots.read_alpha_history(str(path))
+  assert [e for e, _ in history] == [1.0, 2.0]
+  assert history[1][1]['reduce'][0, 0] == 0.3
+  assert search_plots.read_alpha_history(str(tmp_path / 'absent.jsonl')) == []
+
+
+def test_search_plots_have_titles_history_and_small_tensorboard_images(tmp_path, monkeypatch):
+  titles = []
+  cell_figure = search_plots.cell_figure
+  monkeypatch.setattr(search_plots, 'cell_figure',
+                      lambda pairs, concat, title: titles.append(title) or cell_figure(
+                          pairs, concat, title))
+  rng = np.random.default_rng(0)
+
+  def weights():
+    return {k: search_step.alpha_weights({'normal': rng.normal(size=(14, 8)),
+                                          'reduce': rng.normal(size=(14, 8))})[k]
+            for k in ('normal', 'reduce')}
+
+  history = [(1.0, weights()), (2.0, weights())]
+  fig = search_plots.alpha_history_figure(history)
+  try:
+    panels = [ax for ax in fig.axes if ax.get_lines()]
+    assert len(panels) == 28 and all(len(ax.get_lines()) == 8 for ax in panels)
+    np.testing.assert_allclose(panels[0].get_lines()[3].get_ydata(),
+                               [h['normal'][0, 3] for _, h in history])
+    assert panels[14].get_title().startswith('reduce: 0')
+  finally:
+    search_plots.plt.close(fig)
+  genotype = G.GENOTYPES['DARTS_V2']
+  images = search_plots.write_search_plots(str(tmp_path), history[-1][1], genotype, epoch=2.0,
+                                           history=history, thumbnails=True)
+  assert sorted(images) == ['alphas', 'alphas_history', 'normal_cell', 'reduce_cell']
+  for image in images.values():
+    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] == 3
+    assert max(image.shape[:2]) <= 800
+  for name in ('alphas.png', 'alphas_history.png', 'normal_cell.png', 'reduce_cell.png'):
+    with open(tmp_path / name, 'rb') as f:
+      assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+  assert titles == ['DARTS_V2: normal cell, epoch 2', 'DARTS_V2: reduce cell, epoch 2']
+  assert search_plots.genotype_name(genotype, str(tmp_path)) == 'DARTS_V2'
+  searched = genotype._replace(normal=(('skip_connect', 0),) * 8)
+  assert search_plots.genotype_name(searched, '/runs/s1') == 'genotype searched in s1'
+  with search_plots.TensorBoardImages(str(tmp_path / 'tb')) as tb:
+    tb.write_images(3, images)
+  (event,) = os.listdir(tmp_path / 'tb')
+  data = open(tmp_path / 'tb' / event, 'rb').read()
+  assert event.endswith('.images') and b'alphas_history' in data and b'reduce_cell' in data

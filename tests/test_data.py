@@ -1,4 +1,7 @@
-"""Input pipeline: datasets, batch order, augmentation, tfds under mock data."""
+"""Input pipeline: datasets, batch order, augmentation, tfds under mock data, arrays."""
+
+import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -127,5 +130,105 @@ def test_missing_cifar_gives_one_line_with_the_fix(tmp_path):
 
 
 def test_unknown_dataset_names_the_known_ones():
-  with pytest.raises(ValueError, match='digits, cifar10, cifar100'):
-    data_lib.load_dataset('mnist')
+  with pytest.raises(ValueError) as e:
+    data_lib.load_dataset('no_such_dataset_xyz')
+  message = str(e.value)
+  assert '\n' not in message
+  assert "data.name='no_such_dataset_xyz' is invalid: allowed: cifar10, cifar100, digits" in message
+  assert 'tensorflow-datasets' in message
+  with pytest.raises(ValueError, match='closest: digits'):
+    data_lib.dataset_info('digitz')
+  with pytest.raises(ValueError, match='without a namespace'):
+    data_lib.dataset_info('huggingface:mnist')
+
+
+def test_other_tfds_dataset_with_cached_statistics(tmp_path, monkeypatch):
+  tfds = pytest.importorskip('tensorflow_datasets')
+  stats = tmp_path / 'stats'
+  monkeypatch.setenv(data_lib.STATS_ENV, str(stats))
+  assert data_lib.stats_dir() == str(stats)
+  # Classes and shape from the builder's info: no data needed.
+  assert data_lib.dataset_info('mnist', str(tmp_path)) == (10, (28, 28, 1))
+  with tfds.testing.mock_data(num_examples=16):
+    d = data_lib.load_dataset('mnist', data_dir=str(tmp_path))
+  assert d.train_images.shape == (16, 28, 28, 1) and d.train_images.dtype == np.uint8
+  assert d.test_images.shape == (16, 28, 28, 1) and d.num_classes == 10
+  pixels = d.train_images.astype(np.float64) / 255.0
+  assert d.mean == pytest.approx((pixels.mean(),)) and d.std == pytest.approx((pixels.std(),))
+  (name,) = os.listdir(stats)  # written once, as JSON
+  cached = json.loads((stats / name).read_text())
+  assert cached['mean'] == list(d.mean) and cached['num_examples'] == 16
+
+  # The next load reads the file instead of computing: edited values come back.
+  (stats / name).write_text(json.dumps({**cached, 'mean': [0.125]}))
+  original = data_lib.channel_stats
+  monkeypatch.setattr(data_lib, 'channel_stats', lambda *a: pytest.fail('recomputed'))
+  with tfds.testing.mock_data(num_examples=16):
+    again = data_lib.load_dataset('mnist', data_dir=str(tmp_path))
+  assert again.mean == (0.125,) and again.std == d.std
+
+  # Another training-split size makes the cache stale: computed again and rewritten.
+  monkeypatch.setattr(data_lib, 'channel_stats', original)
+  with tfds.testing.mock_data(num_examples=8):
+    smaller = data_lib.load_dataset('mnist', data_dir=str(tmp_path))
+  assert smaller.mean == pytest.approx(original(smaller.train_images)[0])
+  assert json.loads((stats / name).read_text())['num_examples'] == 8
+  assert os.listdir(stats) == [name]
+
+
+@pytest.mark.parametrize('name, parts', [
+    ('imdb_reviews', ["data.name='imdb_reviews' is invalid: its features are text, label",
+                      "'image' Image and a 'label' ClassLabel"]),
+    ('tf_flowers', ["data.name='tf_flowers' is invalid: its images are (None, None, 3) uint8",
+                    'of one fixed size']),
+])
+def test_tfds_datasets_that_are_not_fixed_size_image_classification(name, parts):
+  pytest.importorskip('tensorflow_datasets')
+  with pytest.raises(ValueError) as e:
+    data_lib.dataset_info(name)
+  assert '\n' not in str(e.value) and all(p in str(e.value) for p in parts), str(e.value)
+
+
+def test_from_arrays_keeps_the_arrays_and_computes_statistics():
+  rng = np.random.default_rng(0)
+  train = rng.integers(0, 256, (20, 4, 5, 3)).astype(np.uint8)
+  test = rng.integers(0, 256, (6, 4, 5, 3)).astype(np.uint8)
+  labels, test_labels = np.arange(20) % 4, np.arange(6) % 3
+  d = data_lib.from_arrays(train, labels, test, test_labels, name='mine')
+  np.testing.assert_array_equal(d.train_images, train)
+  np.testing.assert_array_equal(d.test_labels, test_labels)
+  assert d.train_labels.dtype == np.int32 and d.num_classes == 4 and d.image_shape == (4, 5, 3)
+  assert len(d.val_labels) == 0 and d.val_images.shape == (0, 4, 5, 3)
+  np.testing.assert_allclose(d.mean, (train / 255.0).mean(axis=(0, 1, 2)), rtol=1e-12)
+  np.testing.assert_allclose(d.std, (train / 255.0).std(axis=(0, 1, 2)), rtol=1e-9)
+  given = data_lib.from_arrays(train, labels, test, test_labels, num_classes=10,
+                               mean=(0.5, 0.5, 0.5), std=np.array([0.2, 0.3, 0.4]))
+  assert given.num_classes == 10 and given.mean == (0.5,) * 3 and given.std == (0.2, 0.3, 0.4)
+
+
+GOOD = (np.arange(4 * 64).reshape(4, 8, 8, 1).astype(np.uint8), np.array([0, 1, 0, 1]),
+        np.zeros((2, 8, 8, 1), np.uint8), np.array([1, 0]))
+
+
+@pytest.mark.parametrize('change, parts', [
+    ({0: np.zeros((4, 8, 8, 1), np.float32)}, ['train_images are float32 of shape (4, 8, 8, 1)',
+                                               'expected uint8 NHWC', 'np.round(x * 255)']),
+    ({2: np.zeros((2, 8, 8), np.uint8)}, ['test_images are uint8 of shape (2, 8, 8)', 'x[..., None]']),
+    ({2: np.zeros((2, 8, 8, 3), np.uint8)}, ['train_images are (8, 8, 1) but test_images (8, 8, 3)']),
+    ({1: np.array([0, 1, 0])}, ['train_labels are int64 of shape (3,)', 'shape (4,)']),
+    ({1: np.array([0.0, 1.0, 0.0, 1.0])}, ['train_labels are float64']),
+    ({3: np.array([1, -1])}, ['test_labels holds -1, outside [0, num_classes=2)']),
+    ({'num_classes': 1}, ['train_labels holds 1, outside [0, num_classes=1)']),
+    ({'num_classes': 2.0}, ['num_classes=2.0 is invalid: must be an integer >= 1']),
+    ({'mean': (0.5, 0.5)}, ['mean=(0.5, 0.5) is invalid: give 1 finite per-channel values']),
+    ({'std': (0.0,)}, ['std=(0.0,) is invalid', 'a constant channel has std 0']),
+    ({0: np.zeros((4, 8, 8, 1), np.uint8)}, ['std=(0.0,) is invalid']),  # their own std is 0
+])
+def test_from_arrays_rejects_bad_arrays_in_one_line(change, parts):
+  arrays = [change.get(i, a) for i, a in enumerate(GOOD)]
+  kwargs = {k: v for k, v in change.items() if isinstance(k, str)}
+  with pytest.raises(ValueError) as e:
+    data_lib.from_arrays(*arrays, name='mine', **kwargs)
+  message = str(e.value)
+  assert '\n' not in message and message.startswith("data.from_arrays(name='mine'): ")
+  assert all(p in message for p in parts), message

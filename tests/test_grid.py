@@ -113,13 +113,22 @@ def test_report_means_and_sample_stds(tmp_path):
   assert lone['top1_mean'] == pytest.approx(13.0)
   assert lone['top1_std'] == pytest.approx(np.sqrt(13.0))
   assert lone['top5_mean'] == pytest.approx(1.0) and lone['top5_std'] == pytest.approx(1.0)
-  markdown = runs_lib.write_report(rows, str(tmp_path), title='grid')
-  assert '| Teacher | Student | Top-1 Error | Top-5 Error | Seeds |' in markdown
-  assert '| N/A | WRN-10-1 | 13.00 ± 3.61 | 1.00 ± 1.00 | 3 |' in markdown
-  assert '| WRN-16-2 | WRN-10-1 | 14.00 ± 3.61 |' in markdown
-  with open(tmp_path / 'report.csv') as f:
+  assert lone['teacher_top1_mean'] is None
+  markdown = runs_lib.write_report(runs, str(tmp_path), title='grid')
+  assert ('| Teacher | Student | Top-1 Error | Top-5 Error | Teacher error | Teacher params | '
+          'Student params | Seeds |') in markdown
+  assert '| N/A | WRN-10-1 | 13.00 ± 3.61 | 1.00 ± 1.00 | n/a | n/a | 7 | 3 |' in markdown
+  # The teacher (WRN-16-2, the demo stand-in of WRN-40-2) has its own error: 11, 13, 18.
+  assert '| WRN-16-2 | WRN-10-1 | 14.00 ± 3.61 | 1.00 ± 1.00 | 14.00 ± 3.61 | 7 | 7 | 3 |' in (
+      markdown)
+  assert 'over 3 seeds (0, 1, 2)' in markdown
+  with open(tmp_path / 'report_summary.csv') as f:
     table = list(csv.DictReader(f))
   assert len(table) == 4 and float(table[0]['top1_mean']) == pytest.approx(13.0)
+  with open(tmp_path / 'report.csv') as f:
+    per_run = list(csv.DictReader(f))
+  assert len(per_run) == len(runs) == 15
+  assert sorted({r['kind'] for r in per_run}) == ['distilled', 'student', 'teacher']
 
 
 def test_unknown_network_in_grid_is_one_line(tmp_path):
@@ -141,6 +150,13 @@ def test_tiny_sweep_end_to_end_and_rerun_is_a_no_op(tmp_path, unrecorded_validat
   report = results['report']
   text = open(report).read()
   assert '| N/A | WRN-10-1 |' in text and '| WRN-16-2 | WRN-10-1 |' in text
+  # One seed: no std (n/a), the teacher's own error, which epoch, numeric CSVs.
+  assert 'over 1 seed (0)' in text and 'after the final epoch (epoch 1)' in text
+  assert ' ± n/a | n/a | n/a |' in text  # the lone student's row
+  assert 'Demo stand-ins' in text and 'Warning' not in text
+  with open(os.path.join(str(tmp_path), 'report.csv')) as f:
+    per_run = list(csv.DictReader(f))
+  assert len(per_run) == 3 and all(0 <= float(r['test_top1_error']) <= 100 for r in per_run)
   runs = grid.tasks(c, str(tmp_path))
   assert all(r.done() for r in runs)
   mtimes = {r.path: os.path.getmtime(os.path.join(r.path, 'results.json')) for r in runs}

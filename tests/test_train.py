@@ -1,7 +1,10 @@
 """The trainer end to end on digits: learning, sharding, kill-and-resume, NaNs, bad configs."""
 
+import datetime
 import json
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -109,8 +112,23 @@ def test_sigkill_and_restart_ends_exactly_like_uninterrupted(trained, tmp_path):
   killed_at = ckpt_lib.latest_step(workdir)
   assert killed_at is not None and killed_at < 88
 
-  resumed = train_lib.train_and_evaluate(config, workdir)
+  # The resumed run from the command line, as a user reads it.
+  proc = run_main(args)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  resumed = loop.read_json(os.path.join(workdir, loop.RESULTS_FILE))
+  assert out.strip().splitlines()[-1] == (
+      f'train: test top-1 error {100 * resumed["test_top1_error"]:.2f} %, top-5 '
+      f'{100 * resumed["test_top5_error"]:.2f} % after 2 epochs (final epoch); results in '
+      f'{workdir}/results.json')
+  assert f'Resumed from {ckpt_lib.checkpoint_dir(workdir)} at step {killed_at}' in err
+  assert 'step 88/88 (100%)' in err and 'left: train_ce=' in err  # progress in plain words
+  # Quiet: no warnings of the libraries, no loss terms the method does not use.
+  for noise in ('Metadata file does not exist', 'Unable to initialize backend', 'Warning',
+                'train_kd', 'train_at', 'Traceback'):
+    assert noise not in err, noise
   assert resumed['resumed_from_step'] == killed_at
+  assert resumed['command'] == shlex.join(['python', '-m', 'distill_jax.main', *args])
   assert resumed['test_top1_error'] == results['test_top1_error']
   assert resumed['test_loss'] == results['test_loss']
   a, a_stats, _ = restore_params(uninterrupted)
@@ -155,7 +173,7 @@ def test_non_finite_loss_stops_with_step_range_and_no_bad_checkpoint(tmp_path):
     ('optimizer.schedule', 'linear', 'allowed: constant, cosine, multistep'),
     ('model.name', 'resnet', "config.model.name='resnet' is not a known network; known: darts, densenet_bc, wrn"),
     ('model.depth', 15, 'model.depth=15'),
-    ('data.name', 'mnist', 'allowed: cifar10, cifar100, digits'),
+    ('data.name', 'no_such_dataset', 'allowed: cifar10, cifar100, digits'),
     ('model.num_classes', 100, "dataset 'digits' has 10 classes"),
     ('data.validation_fraction', 1.0, 'must be in [0, 1)'),
 ])
@@ -203,3 +221,15 @@ def test_cpu_devices_splits_the_cpu_and_rejects_bad_values():
   assert out.stdout.split() == ['3', 'cpu']
   with pytest.raises(jobs.validation.ConfigError, match=r'^cpu_devices=-2 is not allowed'):
     jobs.setup_jax(cpu_devices=-2)
+
+
+def test_results_record_start_command_and_commit(trained):
+  _, _, results = trained
+  started = datetime.datetime.fromisoformat(results['started_at'])
+  assert started.tzinfo is not None
+  assert abs((datetime.datetime.now(datetime.timezone.utc) - started).total_seconds()) < 3600
+  assert results['command'].startswith('python ')
+  if shutil.which('git') and os.path.isdir(os.path.join(REPO, '.git')):
+    head = subprocess.run(['git', '-C', REPO, 'rev-parse', 'HEAD'], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    assert results['git_commit'] in (head, head + '-dirty')

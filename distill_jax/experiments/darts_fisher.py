@@ -13,9 +13,10 @@ its checkpoints when it was killed:
 5. distill the student from each teacher (``run.distill``)       [pairs/<kind>/seed<s>/]
 
 then, over the finished seeds, the report — Teacher | Student | Top-1 | Top-5 (mean ± std
-over seeds) with each teacher's parameter count [report.md, report.csv] — and the
-attention figure: test images, the student's maps with no teacher and with each teacher,
-and the teachers' own maps [attention.png].
+over seeds) with each teacher's own error and parameter count [report.md; report.csv one
+row per run, report_summary.csv] — and the attention figure: test images, the student's
+maps with no teacher and with each teacher, and the teachers' own maps [attention.png,
+attention.pdf].
 
 Every training run is a copy of ``config.run`` (the student's model and recipe) with its
 model, seed and teacher changed. The seeds are independent, so ``--shard=i/n`` runs the
@@ -37,6 +38,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from distill_jax import config_lib
 from distill_jax import data as data_lib
 from distill_jax import fisher as fisher_lib
 from distill_jax import grow as grow_lib
@@ -54,6 +56,9 @@ from distill_jax.trainers import workdir as workdir_lib
 
 TEACHER_KINDS = ('depth', 'uniform', 'fisher')
 TEACHER_INITS = ('scratch', 'grown')
+# The paper's student (config_lib.NETWORKS); the report says when the student is another.
+PAPER_STUDENT = 'darts_v1_10'
+FIGURE_FILE = 'attention.png'  # and attention.pdf beside it
 
 
 # Test-split sizes (the figure draws the first figure.num_images test images), and the
@@ -124,7 +129,7 @@ def _num_attention_points(run_config) -> int:
 
 
 def _input_shape(run_config) -> tuple[int, ...]:
-  return (1, *data_lib.IMAGE_SHAPES[run_config.data.name])
+  return (1, *data_lib.dataset_info(run_config.data.name, run_config.data.data_dir or None)[1])
 
 
 def _plain(model_config) -> dict:
@@ -324,7 +329,9 @@ class Pipeline:
       tasks = self.tasks()
       runs.check_experiment(self.config, self.workdir, tasks, record=True)
       trained = runs.run_tasks(tasks, shard=options.shard, num_shards=options.num_shards)
-    if options.num_shards > 1:
+    if not runs.writes_report(options):
+      logging.info('Shard %d/%d writes no report: run --mode=report once every shard has '
+                   'finished.', options.shard, options.num_shards)
       return {'trained': trained, 'report': None, 'seeds': []}
     return {'trained': trained, **self.finish()}
 
@@ -341,63 +348,88 @@ class Pipeline:
           'run the pipeline (or its shards) first')
     if jax.process_index() == 0:
       self.report(seeds)
-      if not os.path.exists(os.path.join(self.workdir, 'attention.png')):
+      if not os.path.exists(os.path.join(self.workdir, FIGURE_FILE)):
         self.attention_figure(seeds[0])
-    return {'report': os.path.join(self.workdir, 'report.md'), 'seeds': seeds}
+    return {'report': os.path.join(self.workdir, runs.REPORT_FILE), 'seeds': seeds}
+
+  def notes(self) -> list[str]:
+    """The report's note when the student is not the paper's DARTS_V1-10 (C=16): the
+    demo stand-in (:data:`~distill_jax.config_lib.DEMO_NETWORKS`) or another size."""
+    paper, demo = config_lib.NETWORKS[PAPER_STUDENT], config_lib.DEMO_NETWORKS[PAPER_STUDENT]
+    if all(self.student_model.get(k) == v for k, v in paper.items()):
+      return []
+    what = ('the demo stand-in (config_lib.DEMO_NETWORKS) of'
+            if all(self.student_model.get(k) == v for k, v in demo.items()) else 'smaller than')
+    return [f'The student {runs.display_name(self.student_model)} is {what} the paper\'s '
+            f'{runs.display_name(paper)}, and its teachers are grown from it: these are not '
+            'the paper\'s networks.']
 
   def report(self, seeds: Sequence[int] | None = None) -> str:
-    """report.md / report.csv over the finished runs of ``seeds`` (default: all)."""
-    tasks = self.tasks(seeds)
-    teacher_params: dict[str, list[int]] = {}
-    for kind in self.config.teachers:
-      for task in tasks:
-        if task.name.startswith(f'grow {kind} ') and task.done():
-          teacher_params.setdefault(self.teacher_name(kind), []).append(
-              loop.read_json(task.path)['num_params'])
-    rows = runs.report_rows(tasks)
-    for r in rows:
-      params = teacher_params.get(r['teacher'])
-      r['teacher_params'] = f'{int(np.mean(params)):,}' if params else '-'
-    return runs.write_report(
-        rows, self.workdir, title='Growing a difficult student into its teacher',
-        extra_columns={'Teacher params': lambda r: r['teacher_params'],
-                       'Student params': lambda r: f'{r["student_params"]:,}'})
+    """report.md, report.csv and report_summary.csv over the finished runs of ``seeds``
+    (default: all); the report names the other seeds and the runs not finished."""
+    seeds = list(self.config.seeds if seeds is None else seeds)
+    notes = self.notes()
+    left_out = [s for s in self.config.seeds if s not in seeds]
+    if left_out:
+      notes.append(f'Seeds left out of the table (not every task has finished): '
+                   f'{", ".join(map(str, left_out))}.')
+    return runs.write_report(self.tasks(seeds), self.workdir,
+                             title='Growing a difficult student into its teacher', notes=notes,
+                             missing_from=self.tasks())
 
   def attention_figure(self, seed: int | None = None) -> str:
     """Maps at ``figure.point`` for the first ``figure.num_images`` test images of one
-    seed's runs (default: the first of ``config.seeds``)."""
+    seed's runs (default: the first of ``config.seeds``), each column labelled with its
+    network, point and test error; ``attention.png``, ``attention.pdf`` and a TensorBoard
+    image in the workdir."""
     c, d = self.config, self.dataset
     seed = c.seeds[0] if seed is None else seed
     images = jnp.asarray(d.test_images[:c.figure.num_images])
     x = data_lib.normalize(images, d.mean, d.std)
     shape = _input_shape(c.run)
 
-    def maps(model_config, workdir):
+    def column(name, model_config, workdir):
       net = teacher_lib.load_teacher(model_config, workdir, shape)
       _, points = net.model.apply(net.variables, x, train=False)
       point = points[c.figure.point]
-      return np.asarray(losses.attention_map(point)).reshape(point.shape[0], *point.shape[1:3])
+      maps = np.asarray(losses.attention_map(point)).reshape(point.shape[0], *point.shape[1:3])
+      error = loop.read_json(os.path.join(workdir, loop.RESULTS_FILE))['test_top1_error']
+      where = f'{point_name(model_config, c.figure.point)}, {point.shape[1]}×{point.shape[2]}'
+      return f'{name}\n{where}\ntest error {100 * error:.2f}%', maps
 
-    columns = [('student, no teacher', maps(self.student_model, self.student_dir(seed)))]
+    columns = [column('student alone', self.student_model, self.student_dir(seed))]
     teachers = []
     for kind in c.teachers:
       model = self.build_teacher(kind, seed)
       name = self.teacher_name(kind)
-      columns.append((f'student <- {name}', maps(self.student_model, self.pair_dir(kind, seed))))
-      teachers.append((f'teacher {name}', maps(model, self.teacher_dir(kind, seed))))
+      columns.append(column(f'student ← {name}', self.student_model, self.pair_dir(kind, seed)))
+      teachers.append(column(f'teacher {name}', model, self.teacher_dir(kind, seed)))
     return figures.attention_figure(
-        os.path.join(self.workdir, 'attention.png'), np.asarray(images) / 255.0,
-        columns + teachers, title=f'Attention maps at point {c.figure.point} (seed {seed})')
+        os.path.join(self.workdir, FIGURE_FILE), np.asarray(images) / 255.0, columns + teachers,
+        title=f'Attention maps of {c.run.data.name} test images (seed {seed}; test error after '
+              'the final epoch)', tensorboard_dir=self.workdir)
+
+
+def point_name(model_config: dict, point: int) -> str:
+  """The plain name of a DARTS network's attention point: ``'cell 0 output'`` (point 0),
+  then the outputs of the two reduction cells (``layers // 3``, ``2 * layers // 3``)."""
+  layers = model_config['layers']
+  return f'cell {(0, layers // 3, 2 * layers // 3)[point]} output'
 
 
 def run(config: ml_collections.ConfigDict, workdir: str,
         options: JobOptions = JobOptions()) -> dict:
   """``mode='train'`` runs (or resumes) the seeds ``seeds[shard::num_shards]``, then (one
   shard) reports; ``'report'`` and ``'evaluate'`` write the report and figure of the
-  finished seeds."""
+  finished seeds (``'evaluate'`` only unsharded: one shard of several never writes
+  them)."""
   validate(config)
   pipeline = Pipeline(config, workdir_lib.prepare(workdir))
   if options.mode == 'train':
     return pipeline.run(options)
   runs.check_experiment(config, pipeline.workdir, pipeline.tasks(), record=False)
+  if not runs.writes_report(options):
+    logging.info('Shard %d/%d writes no report: run --mode=report.', options.shard,
+                 options.num_shards)
+    return {'trained': [], 'report': None, 'seeds': []}
   return {'trained': [], **pipeline.finish()}

@@ -5,7 +5,8 @@ A grid workdir holds one workdir per run::
   teachers/<teacher>/seed<s>/           the teacher trained alone
   students/<student>/seed<s>/           the student with no teacher (the N/A rows)
   pairs/<teacher>__<student>/seed<s>/   the student distilled from that seed's teacher
-  report.md, report.csv                 mean ± std over seeds
+  report.md                             the table: mean ± std over seeds, teachers' own error
+  report.csv, report_summary.csv        one row per finished run; the table's numbers
 
 Every run is a copy of ``config.run`` with its model, seed and teacher
 (:func:`distill_jax.experiments.runs.run_config`); DARTS runs also get ``config.darts_drop_path_prob``
@@ -34,7 +35,7 @@ from distill_jax.trainers import workdir as workdir_lib
 
 def _models(config: ml_collections.ConfigDict) -> dict[str, dict]:
   table = runs.network_table(config.demo_networks)
-  classes = data_lib.NUM_CLASSES.get(config.run.data.name, 10)
+  classes, _ = data_lib.dataset_info(config.run.data.name, config.run.data.data_dir or None)
   return {key: {**table[key], 'num_classes': classes}
           for key in (*config.teachers, *config.students) if key in table}
 
@@ -93,28 +94,42 @@ def validate(config: ml_collections.ConfigDict) -> None:
   runs.validate_runs(tasks(config, '/'))
 
 
+def notes(config: ml_collections.ConfigDict) -> list[str]:
+  """The report's notes: with ``config.demo_networks``, that the networks are the demo
+  stand-ins (named by their own sizes), not the paper's."""
+  if not config.demo_networks:
+    return []
+  table = runs.network_table(True)
+  named = ', '.join(f'{key} → {runs.display_name(table[key])} (paper: '
+                    f'{runs.display_name(runs.network_table(False)[key])})'
+                    for key in (*config.teachers, *config.students))
+  return [f'Demo stand-ins (config.demo_networks=True): small networks of the paper\'s '
+          f'families, named by their own sizes, not the paper\'s networks: {named}.']
+
+
 def run(config: ml_collections.ConfigDict, workdir: str,
         options: JobOptions = JobOptions()) -> dict:
   """Trains this shard's missing runs (``mode='train'``), then writes the report of the
-  finished runs (every mode; with several shards, run ``--mode=report`` at the end)."""
+  finished runs: every mode of an unsharded job, or ``--mode=report`` (one shard of
+  several never writes it: run ``--mode=report`` once every shard has finished)."""
   validate(config)
   workdir = workdir_lib.prepare(workdir)
   all_tasks = tasks(config, workdir)
-  report = os.path.join(workdir, 'report.md')
   trained = []
   if options.mode == 'train':
     with workdir_lib.Lock(workdir, runs.lock_name(options.shard, options.num_shards)):
       runs.check_experiment(config, workdir, all_tasks, record=True)
       trained = runs.run_tasks(all_tasks, shard=options.shard, num_shards=options.num_shards,
                                wait_timeout_s=config.shard_wait_timeout_s)
-    if options.num_shards > 1:
-      return {'trained': trained, 'report': None, 'rows': []}
   else:
     runs.check_experiment(config, workdir, all_tasks, record=False)
-  rows = runs.report_rows(all_tasks)
-  if jax.process_index() == 0 and rows:
-    markdown = runs.write_report(
-        rows, workdir, title='Teacher × student (attention transfer)',
-        extra_columns={'Student params': lambda r: f'{r["student_params"]:,}'})
+  if not runs.writes_report(options):
+    logging.info('Shard %d/%d writes no report: run --mode=report once every shard has '
+                 'finished.', options.shard, options.num_shards)
+    return {'trained': trained, 'report': None, 'rows': []}
+  report = os.path.join(workdir, runs.REPORT_FILE)
+  if jax.process_index() == 0:
+    markdown = runs.write_report(all_tasks, workdir, title='Teacher × student (attention transfer)',
+                                 notes=notes(config))
     logging.info('Report written to %s:\n%s', report, markdown)
-  return {'trained': trained, 'report': report, 'rows': rows}
+  return {'trained': trained, 'report': report, 'rows': runs.report_rows(all_tasks)}

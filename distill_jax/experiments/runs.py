@@ -4,8 +4,10 @@ The grid (:mod:`distill_jax.experiments.grid`) and the darts_fisher pipeline
 (:mod:`distill_jax.experiments.darts_fisher`) are both a list of :class:`Task`: a training run
 (done when its ``results.json`` exists) or an artifact file such as a Fisher estimate or
 a grown teacher (done when the file exists; written atomically). :func:`run_tasks` does
-a shard's share in order and skips what is done; :func:`report_rows` and
-:func:`write_report` read the finished runs. Each run's config is a copy of the
+a shard's share in order and skips what is done; :func:`report_rows`, :func:`run_rows`
+and :func:`write_report` read the finished runs (``report.md``, ``report.csv`` per run,
+``report_summary.csv`` per table row; only a job that :func:`writes_report`, never one
+shard of several, writes them). Each run's config is a copy of the
 experiment's one ``config.run`` with only model, seed and teacher changed
 (:func:`run_config`), so a field of ``config.run`` is read by every run.
 """
@@ -26,6 +28,7 @@ import numpy as np
 
 from distill_jax import config_lib
 from distill_jax import validation
+from distill_jax.options import JobOptions
 from distill_jax.trainers import loop
 from distill_jax.trainers import train
 from distill_jax.trainers import workdir as workdir_lib
@@ -147,6 +150,37 @@ def validate_runs(tasks: Iterable[Task]) -> None:
       raise validation.ConfigError(f'{task.name}: {e}') from None
 
 
+class _TaskClock:
+  """Progress over the tasks a call computes: how many are done, the time so far and, once
+  a task of each kind left has run, the time left (training runs and artifacts such as a
+  Fisher estimate take very different times, so each kind is timed apart)."""
+
+  def __init__(self, todo: Sequence[Task]):
+    self._left = {True: sum(t.is_run for t in todo), False: sum(not t.is_run for t in todo)}
+    self._total, self._done = len(todo), 0
+    self._seconds: dict[bool, list[float]] = {True: [], False: []}
+    self._begin = time.monotonic()
+    self._current: tuple[bool, float] | None = None
+
+  def start(self, task: Task) -> None:
+    self._current = (task.is_run, time.monotonic())
+
+  def finish(self) -> None:
+    kind, began = self._current
+    self._seconds[kind].append(time.monotonic() - began)
+    self._left[kind] -= 1
+    self._done += 1
+
+  def describe(self) -> str:
+    text = (f'{self._done} of {self._total} to do done, '
+            f'{loop.plain_duration(time.monotonic() - self._begin)} elapsed')
+    if self._done and all(self._seconds[k] or not self._left[k] for k in (True, False)):
+      left = sum(self._left[k] * float(np.mean(self._seconds[k])) for k in (True, False)
+                 if self._left[k])
+      text += f', about {loop.plain_duration(left)} left'
+    return text
+
+
 class WaitTimeout(TimeoutError):
   """A shard waited too long for a run another shard was to do."""
 
@@ -157,8 +191,10 @@ def run_tasks(tasks: Sequence[Task], *, shard: int = 0, num_shards: int = 1,
   order; returns their names. A task whose prerequisite belongs to another shard waits
   for it, at most ``wait_timeout_s`` (then :class:`WaitTimeout`, one line)."""
   computed = []
+  todo = [t for t in tasks if t.group % num_shards == shard and not t.done()]
+  eta = _TaskClock(todo)
   for i, task in enumerate(tasks):
-    if task.group % num_shards != shard or task.done():
+    if task not in todo:
       continue
     for need in task.needs:
       deadline = time.monotonic() + wait_timeout_s
@@ -172,8 +208,11 @@ def run_tasks(tasks: Sequence[Task], *, shard: int = 0, num_shards: int = 1,
               'config.shard_wait_timeout_s')
         logging.info('%s waits for %s', task.name, need)
         time.sleep(max(min(wait_seconds, deadline - time.monotonic()), 0.0))
-    logging.info('Task %d/%d: %s -> %s', i + 1, len(tasks), task.name, task.path)
+    logging.info('Task %d/%d: %s -> %s (%s)', i + 1, len(tasks), task.name, task.path,
+                 eta.describe())
+    eta.start(task)
     task.compute()
+    eta.finish()
     computed.append(task.name)
   if not computed:
     logging.info('Every task of shard %d/%d is done already with this config; nothing to train.',
@@ -181,52 +220,227 @@ def run_tasks(tasks: Sequence[Task], *, shard: int = 0, num_shards: int = 1,
   return computed
 
 
-def _mean_std(values: Iterable[float]) -> tuple[float, float]:
-  values = np.asarray(list(values), np.float64)
-  return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+# ---------------------------------------------------------------------------
+# The report of an experiment's finished runs: report.md (the paper's table, with what
+# its numbers are), report.csv (one row per finished run) and report_summary.csv (the
+# table's numbers).
+
+REPORT_FILE = 'report.md'
+RUNS_CSV = 'report.csv'
+SUMMARY_CSV = 'report_summary.csv'
+NOT_APPLICABLE = 'n/a'
+# report.csv: errors in percent, parameter counts as integers, empty where not applicable.
+RUN_COLUMNS = ('kind', 'teacher', 'student', 'seed', 'test_top1_error', 'test_top5_error',
+               'teacher_test_top1_error', 'student_params', 'teacher_params', 'epochs',
+               'workdir')
+SUMMARY_COLUMNS = ('teacher', 'student', 'seeds', 'top1_mean', 'top1_std', 'top5_mean',
+                   'top5_std', 'teacher_top1_mean', 'teacher_top1_std', 'teacher_params',
+                   'student_params')
+TABLE_HEADER = ('Teacher', 'Student', 'Top-1 Error', 'Top-5 Error', 'Teacher error',
+                'Teacher params', 'Student params', 'Seeds')
+MAX_LISTED = 40  # unfinished runs named in report.md (the log names all of them)
 
 
-def report_rows(tasks: Iterable[Task]) -> list[dict]:
-  """One row per (teacher, student) of the finished row runs: errors in percent, mean and
-  sample standard deviation (ddof=1) over seeds."""
-  groups: dict[tuple[str, str], list[dict]] = {}
-  for task in tasks:
-    if task.is_run and task.row and task.done():
-      groups.setdefault((task.teacher, task.student), []).append(task.results())
+def writes_report(options: JobOptions) -> bool:
+  """Whether a job with ``options`` writes the report: ``--mode=report``, or a job of the
+  whole experiment (one shard). A shard of several never does (no two shards write it):
+  run ``--mode=report`` once every shard has finished."""
+  return options.mode == 'report' or options.num_shards == 1
+
+
+def run_kind(task: Task) -> str:
+  """``'teacher'`` (a teacher trained alone), ``'student'`` (a student alone: the
+  table's N/A rows) or ``'distilled'`` (a student under a teacher)."""
+  if not task.row:
+    return 'teacher'
+  return 'student' if task.teacher == NO_TEACHER else 'distilled'
+
+
+def missing_runs(tasks: Iterable[Task]) -> list[Task]:
+  """The training runs of ``tasks`` that have not finished (under their config)."""
+  return [t for t in tasks if t.is_run and not t.done()]
+
+
+def _finished(tasks: Iterable[Task]) -> list[tuple[Task, dict]]:
+  return [(t, t.results()) for t in tasks if t.is_run and t.done()]
+
+
+def _percent(fraction: float | None) -> float | None:
+  return None if fraction is None else round(100.0 * float(fraction), 6)
+
+
+def _run_rows(finished: list[tuple[Task, dict]], workdir: str) -> list[dict]:
+  teachers = {(t.teacher, t.seed): r for t, r in finished if run_kind(t) == 'teacher'}
   rows = []
-  for (teacher, student), results in groups.items():
-    top1 = _mean_std(100 * r['test_top1_error'] for r in results)
-    top5 = _mean_std(100 * r['test_top5_error'] for r in results)
-    rows.append({'teacher': teacher, 'student': student, 'top1_mean': top1[0], 'top1_std': top1[1],
-                 'top5_mean': top5[0], 'top5_std': top5[1], 'seeds': len(results),
-                 'student_params': results[0]['num_params']})
+  for task, r in finished:
+    kind = run_kind(task)
+    teacher = r if kind == 'teacher' else teachers.get((task.teacher, task.seed))
+    rows.append({
+        'kind': kind, 'teacher': task.teacher, 'student': task.student, 'seed': task.seed,
+        'test_top1_error': _percent(r['test_top1_error']),
+        'test_top5_error': _percent(r.get('test_top5_error')),
+        'teacher_test_top1_error': _percent(teacher['test_top1_error']) if teacher else None,
+        'student_params': None if kind == 'teacher' else int(r['num_params']),
+        'teacher_params': int(teacher['num_params']) if teacher else None,
+        'epochs': r.get('epochs'),
+        'workdir': os.path.relpath(task.path, workdir) if workdir else task.path})
   return rows
 
 
-def write_report(rows: list[dict], workdir: str, *, title: str,
-                 extra_columns: dict[str, Callable[[dict], str]] | None = None) -> str:
-  """Writes ``report.md`` (the paper's layout) and ``report.csv``; returns the Markdown."""
-  extra_columns = extra_columns or {}
-  header = ['Teacher', 'Student', 'Top-1 Error', 'Top-5 Error', *extra_columns, 'Seeds']
-  lines = [f'# {title}', '', 'Test error in percent, mean ± std over seeds.', '',
-           '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+def run_rows(tasks: Iterable[Task], workdir: str = '') -> list[dict]:
+  """One row per finished run (:data:`RUN_COLUMNS`), in task order: its test errors in
+  percent (after its final epoch), its teacher's (that seed's teacher run; a teacher's
+  row names itself) test top-1 error and parameter count, ``None`` where not applicable;
+  ``workdir`` relative to ``workdir`` when given."""
+  return _run_rows(_finished(tasks), workdir)
+
+
+def _mean_std(values: Iterable[float | None]) -> tuple[float | None, float | None]:
+  """Mean and sample std (ddof=1) of the values given (``None`` values are left out);
+  ``None`` for no value (both) and for one (the std)."""
+  values = np.asarray([v for v in values if v is not None], np.float64)
+  if not len(values):
+    return None, None
+  mean = round(float(values.mean()), 6)
+  return mean, round(float(values.std(ddof=1)), 6) if len(values) > 1 else None
+
+
+def _summary_rows(per_run: list[dict]) -> list[dict]:
+  groups: dict[tuple[str, str], list[dict]] = {}
+  for r in per_run:
+    if r['kind'] != 'teacher':
+      groups.setdefault((r['teacher'], r['student']), []).append(r)
+  rows = []
+  for (teacher, student), group in groups.items():
+    top1 = _mean_std(r['test_top1_error'] for r in group)
+    top5 = _mean_std(r['test_top5_error'] for r in group)
+    teacher_top1 = _mean_std(r['teacher_test_top1_error'] for r in group)
+    params = [r['teacher_params'] for r in group if r['teacher_params'] is not None]
+    rows.append({
+        'teacher': teacher, 'student': student, 'seeds': len(group),
+        'seed_list': sorted(r['seed'] for r in group),
+        'top1_mean': top1[0], 'top1_std': top1[1], 'top5_mean': top5[0], 'top5_std': top5[1],
+        'teacher_top1_mean': teacher_top1[0], 'teacher_top1_std': teacher_top1[1],
+        'teacher_params': int(round(float(np.mean(params)))) if params else None,
+        'teacher_params_range': (min(params), max(params)) if params else None,
+        'student_params': group[0]['student_params']})
+  return rows
+
+
+def report_rows(tasks: Iterable[Task]) -> list[dict]:
+  """One row per (teacher, student) of the finished row runs, in task order: test errors
+  in percent, mean and sample std (ddof=1) over seeds (``None`` for one seed); the
+  teachers' own test top-1 error over the same seeds (``None`` without a teacher); the
+  parameter counts (a teacher's: its mean over seeds, and ``teacher_params_range``: a
+  Fisher-grown teacher may differ by seed); ``seeds`` (how many) and ``seed_list``."""
+  return _summary_rows(run_rows(tasks))
+
+
+def _pm(mean: float | None, std: float | None) -> str:
+  if mean is None:
+    return NOT_APPLICABLE
+  return f'{mean:.2f} ± {NOT_APPLICABLE if std is None else f"{std:.2f}"}'
+
+
+def _teacher_params(row: dict) -> str:
+  if row['teacher_params_range'] is None:
+    return NOT_APPLICABLE
+  lo, hi = row['teacher_params_range']
+  return f'{lo:,}' if lo == hi else f'{lo:,}–{hi:,}'
+
+
+def _plural(n: int, word: str) -> str:
+  return f'{n} {word}' + ('' if n == 1 else 's')
+
+
+def _what_the_numbers_are(per_run: list[dict], rows: list[dict], datasets: list[str]) -> str:
+  """The header line: which epoch, over how many seeds, which data."""
+  epochs = sorted({r['epochs'] for r in per_run if r['epochs'] is not None})
+  if len(epochs) == 1:
+    when = f'after the final epoch (epoch {epochs[0]}), not the best epoch'
+  else:
+    listed = f' (epochs {", ".join(map(str, epochs))})' if epochs else ''
+    when = f"after each run's final epoch{listed}, not the best epoch"
+  counts = sorted({r['seeds'] for r in rows})
+  seeds = sorted({s for r in rows for s in r['seed_list']})
+  if not counts:
+    over = 'seeds'
+  elif len(counts) == 1:
+    over = f'{_plural(counts[0], "seed")} ({", ".join(map(str, seeds))})'
+  else:
+    over = f'{counts[0]}-{counts[-1]} seeds of {", ".join(map(str, seeds))} (column Seeds)'
+  data = f' on the {", ".join(datasets)} test split' if datasets else ''
+  return (f'Test error in percent{data} {when}: mean ± sample std (ddof=1) over {over}; '
+          f'"± {NOT_APPLICABLE}": one seed, no std. Teacher error: the teachers\' own test '
+          'top-1 error over the same seeds; Teacher params: min–max when they differ by seed.')
+
+
+def _missing_text(missing: list[Task], total: int, workdir: str) -> list[str]:
+  names = [f'- {t.name} ({os.path.relpath(t.path, workdir)})' for t in missing[:MAX_LISTED]]
+  if len(missing) > MAX_LISTED:
+    names.append(f'- … and {len(missing) - MAX_LISTED} more (see the log)')
+  return [f'**Warning: {len(missing)} of {_plural(total, "run")} have not finished; the '
+          'table leaves them out:**', '', *names]
+
+
+def _csv(rows: list[dict], columns: Sequence[str]) -> str:
+  buf = io.StringIO()
+  writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction='ignore',
+                          lineterminator='\n')
+  writer.writeheader()
+  writer.writerows({k: '' if r.get(k) is None else r[k] for k in columns} for r in rows)
+  return buf.getvalue()
+
+
+def write_report(tasks: Sequence[Task], workdir: str, *, title: str, notes: Sequence[str] = (),
+                 missing_from: Sequence[Task] | None = None) -> str:
+  """Writes the report of the finished runs of ``tasks``; returns the Markdown.
+
+  ``report.md``: a header saying what the numbers are (:func:`report_rows`), ``notes``
+  (e.g. that the networks are demo stand-ins), a warning naming the runs of
+  ``missing_from`` (default ``tasks``) that have not finished (also logged), and the
+  table (:data:`TABLE_HEADER`). ``report.csv``: one row per finished run
+  (:func:`run_rows`); ``report_summary.csv``: the table's numbers
+  (:data:`SUMMARY_COLUMNS`). Every file is written atomically.
+  """
+  finished = _finished(tasks)
+  per_run = _run_rows(finished, workdir)
+  rows = _summary_rows(per_run)
+  datasets = sorted({(r.get('config') or {}).get('data', {}).get('name') or ''
+                     for _, r in finished} - {''})
+  lines = [f'# {title}', '', _what_the_numbers_are(per_run, rows, datasets), '']
+  for note in notes:
+    lines += [note, '']
+  candidates = [t for t in (tasks if missing_from is None else missing_from) if t.is_run]
+  missing = missing_runs(candidates)
+  if missing:
+    lines += [*_missing_text(missing, len(candidates), workdir), '']
+    logging.warning('%d of %d runs have not finished; the report in %s leaves them out: %s',
+                    len(missing), len(candidates), workdir, ', '.join(t.name for t in missing))
+  lines += ['| ' + ' | '.join(TABLE_HEADER) + ' |', '|' + '---|' * len(TABLE_HEADER)]
   for r in rows:
-    cells = [r['teacher'], r['student'], f'{r["top1_mean"]:.2f} ± {r["top1_std"]:.2f}',
-             f'{r["top5_mean"]:.2f} ± {r["top5_std"]:.2f}',
-             *(fn(r) for fn in extra_columns.values()), str(r['seeds'])]
+    cells = [r['teacher'], r['student'], _pm(r['top1_mean'], r['top1_std']),
+             _pm(r['top5_mean'], r['top5_std']),
+             _pm(r['teacher_top1_mean'], r['teacher_top1_std']), _teacher_params(r),
+             f'{r["student_params"]:,}', str(r['seeds'])]
     lines.append('| ' + ' | '.join(cells) + ' |')
   markdown = '\n'.join(lines) + '\n'
-  loop.write_text(os.path.join(workdir, 'report.md'), markdown)
-  buf = io.StringIO()
-  writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ['teacher'])
-  writer.writeheader()
-  writer.writerows(rows)
-  loop.write_text(os.path.join(workdir, 'report.csv'), buf.getvalue())
+  loop.write_text(os.path.join(workdir, REPORT_FILE), markdown)
+  loop.write_text(os.path.join(workdir, RUNS_CSV), _csv(per_run, RUN_COLUMNS))
+  loop.write_text(os.path.join(workdir, SUMMARY_CSV), _csv(rows, SUMMARY_COLUMNS))
   return markdown
 
 
+# models.darts.DartsNetwork's C when a config leaves it out, and the paper's C (16): a
+# DARTS network of another C has it in its name (the demo stand-ins are narrower).
+DARTS_DEFAULT_CHANNELS = 36
+PAPER_DARTS_CHANNELS = 16
+
+
 def display_name(model: dict) -> str:
-  """A network's name as the paper's tables print it, from its model config."""
+  """A network's name from its own model config (its real size, so a demo stand-in is
+  never named as the paper's network): ``WRN-16-2``, ``DenseNet-BC-100-12``,
+  ``DARTS_V1-10`` (C=16, the paper's) or ``DARTS_V1-5-C4`` (another C)."""
   name = model['name']
   if name == 'wrn':
     return f'WRN-{model["depth"]}-{model["widen_factor"]}'
@@ -234,7 +448,9 @@ def display_name(model: dict) -> str:
     return f'DenseNet-BC-{model["depth"]}-{model["growth_rate"]}'
   if name == 'darts':
     genotype = model['genotype'] if isinstance(model['genotype'], str) else 'DARTS'
-    return f'{genotype}-{model["layers"]}'
+    channels = model.get('init_channels', DARTS_DEFAULT_CHANNELS)
+    width = '' if channels == PAPER_DARTS_CHANNELS else f'-C{channels}'
+    return f'{genotype}-{model["layers"]}{width}'
   return name
 
 

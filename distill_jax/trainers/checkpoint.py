@@ -232,13 +232,27 @@ def latest_step(workdir: str) -> int | None:
 
 
 def restore_local(item_path: str) -> Any:
-  """Restores a saved pytree (a ``StandardSave`` item folder) onto this process's first
-  device, whatever mesh or number of hosts it was saved from."""
-  checkpointer = ocp.StandardCheckpointer()
-  tree = checkpointer.metadata(item_path).item_metadata.tree
+  """Restores a saved pytree onto this process's first device, whatever mesh or number of
+  hosts it was saved from.
+
+  ``item_path`` is a run's ``WORKDIR/checkpoints/STEP/default`` (restored through its
+  ``CheckpointManager``, which keeps the step's metadata) or a folder written by
+  ``ocp.StandardCheckpointer``.
+  """
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
-  return checkpointer.restore(item_path, target)
+
+  def target(tree):
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+
+  step_dir = os.path.dirname(os.path.abspath(item_path))
+  if os.path.basename(item_path.rstrip('/')) == 'default' and os.path.basename(step_dir).isdigit():
+    step = int(os.path.basename(step_dir))
+    with ocp.CheckpointManager(os.path.dirname(step_dir),
+                               item_handlers=ocp.StandardCheckpointHandler()) as manager:
+      tree = manager.item_metadata(step).tree
+      return manager.restore(step, args=ocp.args.StandardRestore(target(tree)))
+  checkpointer = ocp.StandardCheckpointer()
+  return checkpointer.restore(item_path, target(checkpointer.metadata(item_path).item_metadata.tree))
 
 
 def item_path(workdir: str, step: int | None = None) -> str:

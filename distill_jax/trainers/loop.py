@@ -21,11 +21,15 @@ call these as one-liners (big_vision ``utils`` style):
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import math
 import os
 import platform
+import shlex
 import signal
+import subprocess
+import sys
 import threading
 import time
 from typing import Any, Sequence
@@ -201,11 +205,52 @@ class PendingMetrics:
     return values
 
 
+def plain_duration(seconds: float) -> str:
+  """``3725`` -> ``'1 h 02 min'``, ``200`` -> ``'3 min 20 s'``, ``7.4`` -> ``'7 s'``."""
+  seconds = max(int(round(seconds)), 0)
+  hours, rest = divmod(seconds, 3600)
+  minutes, secs = divmod(rest, 60)
+  if hours:
+    return f'{hours} h {minutes:02d} min'
+  return f'{minutes} min {secs:02d} s' if minutes else f'{secs} s'
+
+
+class Progress:
+  """Where a loop of ``total`` units (steps, runs) stands, in plain words.
+
+  The time left is extrapolated from the units done since the first :meth:`describe`
+  (so a first step that includes compiling does not skew it), else since the start.
+  """
+
+  def __init__(self, what: str, total: int, done: int = 0):
+    self.what, self.total = what, int(total)
+    self._start = time.monotonic()
+    self._first: tuple[float, int] | None = None
+    self._done_at_start = int(done)
+
+  def describe(self, done: int) -> str:
+    now = time.monotonic()
+    if self._first is None:
+      self._first = (now, done)
+    pct = 100.0 * done / max(self.total, 1)
+    text = f'{self.what} {done}/{self.total} ({pct:.0f}%), {plain_duration(now - self._start)} elapsed'
+    since, base = self._first if done > self._first[1] else (self._start, self._done_at_start)
+    if 0 < done < self.total and done > base:
+      left = (self.total - done) * (now - since) / (done - base)
+      text += f', about {plain_duration(left)} left'
+    return text
+
+
 class LoggingWriter:
-  """Writes each call's scalars as one absl log line."""
+  """Writes each call's scalars as one absl log line, after ``progress``'s words (else
+  ``[step]``)."""
+
+  def __init__(self, progress: Progress | None = None):
+    self._progress = progress
 
   def write_scalars(self, step: int, scalars) -> None:
-    logging.info('[%d] %s', step, ', '.join(f'{k}={float(v):.6g}' for k, v in scalars.items()))
+    where = self._progress.describe(step) if self._progress else f'[{step}]'
+    logging.info('%s: %s', where, ', '.join(f'{k}={float(v):.6g}' for k, v in scalars.items()))
 
   def write_hparams(self, hparams) -> None:
     del hparams  # the config is logged by the job and saved in results.json
@@ -304,15 +349,17 @@ def _row_step(line: str) -> int | None:
     return None  # a line cut by a kill
 
 
-def create_writer(workdir: str, resume_step: int | None = None) -> MultiWriter:
+def create_writer(workdir: str, resume_step: int | None = None,
+                  progress: Progress | None = None) -> MultiWriter:
   """Console + TensorBoard events + ``metrics.jsonl`` on process 0; console elsewhere.
 
-  ``resume_step``: the step a resumed run restarts from (its rows after that step go).
+  ``resume_step``: the step a resumed run restarts from (its rows after that step go);
+  ``progress``: the console lines start with its words.
   """
   if jax.process_index() != 0:
-    return MultiWriter([LoggingWriter()])
+    return MultiWriter([LoggingWriter(progress)])
   purge = None if resume_step is None else resume_step + 1
-  return MultiWriter([LoggingWriter(), TensorBoardWriter(workdir, purge_step=purge),
+  return MultiWriter([LoggingWriter(progress), TensorBoardWriter(workdir, purge_step=purge),
                       JsonlWriter(os.path.join(workdir, METRICS_FILE), resume_step)])
 
 
@@ -356,10 +403,40 @@ def versions() -> dict[str, str]:
           'backend': jax.default_backend(), 'devices': str(jax.devices()[0].device_kind)}
 
 
-def write_results(workdir: str, results: dict[str, Any]) -> dict[str, Any]:
-  """``results`` plus ``versions`` and the process/device counts, written atomically to
-  ``WORKDIR/results.json`` by process 0; returns what was written."""
-  results = {**results, 'num_processes': jax.process_count(), 'versions': versions()}
+def git_commit(path: str = os.path.dirname(os.path.abspath(__file__))) -> str | None:
+  """The commit of the git checkout holding ``path`` (the package by default), with
+  ``-dirty`` when it has uncommitted changes; ``None`` outside a checkout or without git."""
+  try:
+    commit = subprocess.run(['git', '-C', path, 'rev-parse', 'HEAD'], capture_output=True,
+                            text=True, timeout=10, check=True).stdout.strip()
+    dirty = subprocess.run(['git', '-C', path, 'status', '--porcelain', '--untracked-files=no'],
+                           capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return commit + ('-dirty' if dirty else '') if commit else None
+
+
+def provenance(start_time: float) -> dict[str, Any]:
+  """Where a result came from: the start time (UTC, ISO 8601), the command line and the
+  package's git commit."""
+  return {'started_at': datetime.datetime.fromtimestamp(start_time, datetime.timezone.utc)
+                        .isoformat(timespec='seconds'),
+          'command': command_line(),
+          'git_commit': git_commit()}
+
+
+def command_line() -> str:
+  """The command that started this process, as typed: ``python -m distill_jax.main ...``."""
+  spec = getattr(sys.modules.get('__main__'), '__spec__', None)
+  program = ['-m', spec.name] if spec is not None and spec.name else sys.argv[:1]
+  return shlex.join(['python', *program, *sys.argv[1:]])
+
+
+def write_results(workdir: str, results: dict[str, Any], *, start_time: float) -> dict[str, Any]:
+  """``results`` plus :func:`provenance`, ``versions`` and the process/device counts,
+  written atomically to ``WORKDIR/results.json`` by process 0; returns what was written."""
+  results = {**results, **provenance(start_time), 'num_processes': jax.process_count(),
+             'versions': versions()}
   if jax.process_index() == 0:
     write_json(os.path.join(workdir, RESULTS_FILE), results)
   return results

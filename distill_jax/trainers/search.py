@@ -6,9 +6,12 @@ runs the steps (the release's ``cnn/train_search.py``), evaluates the supernet e
 epoch and writes what a search leaves.
 
 Files in ``workdir``: ``checkpoints/`` (orbax; the whole :class:`SearchState`, alphas and
-their Adam state included), TensorBoard events, ``metrics.jsonl``, ``genotype.json``
-(rewritten every epoch) and ``genotypes.jsonl`` (one line per epoch), and at the end
-``alphas.png``, ``normal_cell.png``, ``reduce_cell.png`` and ``results.json``.
+their Adam state included), TensorBoard events (the scalars, and the pictures as images in
+an ``*.images`` event file), ``metrics.jsonl``, ``genotype.json`` (rewritten every epoch)
+and ``genotypes.jsonl`` (one line per epoch: step, epoch, genotype and the softmax of the
+alphas, ``alphas_softmax``), and at the end ``alphas.png``, ``alphas_history.png`` (the
+softmax weights over the epochs), ``normal_cell.png``, ``reduce_cell.png`` and
+``results.json``.
 
 Job interface: :func:`validate` (the config checks, before any compute) and :func:`run`
 (``mode='train'`` searches, resuming; ``'evaluate'`` scores the latest checkpoint's
@@ -65,7 +68,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   validation.check_int(config, 'model.init_channels', 2)
   validation.check_int(config, 'model.stem_multiplier', 1)
   validation.check_int(config, 'model.num_classes', 2)
-  classes = data_lib.NUM_CLASSES[config.data.name]
+  classes, _ = data_lib.dataset_info(config.data.name, config.data.data_dir or None)
   if config.model.num_classes != classes:
     validation.fail('model.num_classes', config.model.num_classes,
                     f'dataset {config.data.name!r} has {classes} classes')
@@ -112,27 +115,39 @@ def evaluate_val(data: data_lib.DeviceData, evaluate: Callable, state: SearchSta
   return data_lib.mean_over_split(data, 'val', batch_size, lambda batch: evaluate(state, batch))
 
 
-def _write_genotype(workdir: str, alphas: Any, *, plots: bool = True) -> Genotype:
+def _write_genotype(workdir: str, alphas: Any, *, plots: bool = True, epoch: float | None = None,
+                    step: int | None = None,
+                    images: search_plots.TensorBoardImages | None = None) -> Genotype:
   """Derives the genotype of ``alphas``; writes ``genotype.json`` and the pictures
-  (process 0)."""
+  (process 0), the alphas over the epochs from ``genotypes.jsonl``; with ``images``, the
+  pictures also as TensorBoard images at ``step``."""
   alphas = jax.device_get(alphas)
   genotype = derive_genotype(alphas)
   if jax.process_index() == 0:
     genotypes_lib.save_genotype(os.path.join(workdir, GENOTYPE_FILE), genotype)
     if plots:
-      search_plots.write_search_plots(workdir, alpha_weights(alphas), genotype)
+      history = search_plots.read_alpha_history(os.path.join(workdir, GENOTYPE_HISTORY_FILE))
+      thumbnails = search_plots.write_search_plots(
+          workdir, alpha_weights(alphas), genotype, epoch=epoch, step=step, history=history,
+          thumbnails=images is not None)
+      if images is not None:
+        images.write_images(step, thumbnails)
   return genotype
 
 
-def _epoch_outputs(workdir: str, state: SearchState, step: int, epoch: float, plots: bool
-                   ) -> Genotype:
-  """The epoch's genotype: ``genotype.json``, a ``genotypes.jsonl`` line, pictures if asked."""
-  genotype = _write_genotype(workdir, state.alphas, plots=plots)
+def _epoch_outputs(workdir: str, state: SearchState, step: int, epoch: float, plots: bool,
+                   images: search_plots.TensorBoardImages | None = None) -> Genotype:
+  """The epoch's genotype: a ``genotypes.jsonl`` line (with the softmax of the alphas, for
+  the alphas-over-epochs plot), ``genotype.json``, pictures (and images) if asked."""
+  alphas = jax.device_get(state.alphas)
   if jax.process_index() == 0:
     _append_jsonl(os.path.join(workdir, GENOTYPE_HISTORY_FILE),
                   {'step': step, 'epoch': epoch,
-                   'genotype': genotypes_lib.genotype_to_json(genotype)})
-  return genotype
+                   'genotype': genotypes_lib.genotype_to_json(derive_genotype(alphas)),
+                   'alphas_softmax': {k: v.round(5).tolist()
+                                      for k, v in alpha_weights(alphas).items()}})
+  return _write_genotype(workdir, alphas, plots=plots, epoch=epoch, step=step,
+                         images=images if plots else None)
 
 
 @dataclasses.dataclass
@@ -201,7 +216,11 @@ def _search(config: ml_collections.ConfigDict, workdir: str, start_time: float) 
   if restored_step is not None:
     logging.info('Resumed the search from %s at step %d.', ckpt_lib.checkpoint_dir(workdir),
                  first_step)
-  writer = loop.create_writer(workdir, resume_step=restored_step)
+  writer = loop.create_writer(workdir, resume_step=restored_step,
+                              progress=loop.Progress('search step', cadence.num_steps, first_step))
+  # The pictures as TensorBoard images (process 0), each time they are drawn.
+  purge = None if restored_step is None else restored_step + 1
+  images = search_plots.TensorBoardImages(workdir, purge) if jax.process_index() == 0 else None
   logging.info('DARTS search (order %d%s): supernet %d cells, C=%d, %d parameters, on %s, '
                '%d steps over %d devices.', config.order,
                f', {config.hessian} hessian' if config.order == 2 else '', config.model.layers,
@@ -234,7 +253,8 @@ def _search(config: ml_collections.ConfigDict, workdir: str, start_time: float) 
       if cadence.eval(step):  # every epoch
         values = {**evaluate_val(s.data, s.eval_fn, state, config.eval_batch_size),
                   'epoch': epoch}
-        genotype = _epoch_outputs(workdir, state, step, epoch, plots=config.plot_every_epoch)
+        genotype = _epoch_outputs(workdir, state, step, epoch, plots=config.plot_every_epoch,
+                                  images=images)
         writer.write_scalars(step, values)
         logging.info('Step %d (epoch %.2f): val top-1 error %.4f; genotype %s', step, epoch,
                      values['val_top1_error'], genotype)
@@ -248,7 +268,10 @@ def _search(config: ml_collections.ConfigDict, workdir: str, start_time: float) 
   if final is None:  # nothing left to search: the workdir already held the last step
     final = evaluate_val(s.data, s.eval_fn, state, config.eval_batch_size)
   workdir_lib.record_config(workdir, config)
-  genotype = _write_genotype(workdir, state.alphas)
+  genotype = _write_genotype(workdir, state.alphas, epoch=config.num_epochs, step=cadence.num_steps,
+                             images=None if config.plot_every_epoch else images)
+  if images is not None:
+    images.close()
   results = loop.write_results(workdir, {
       'genotype': genotypes_lib.genotype_to_json(genotype),
       'val_top1_error': final['val_top1_error'], 'val_loss': final['val_loss'],
@@ -258,7 +281,7 @@ def _search(config: ml_collections.ConfigDict, workdir: str, start_time: float) 
       'num_params': s.num_params, 'steps': cadence.num_steps, 'epochs': config.num_epochs,
       'resumed_from_step': restored_step, 'wall_time_s': time.time() - start_time,
       'search_step_seconds': step_seconds, 'num_devices': s.mesh.size,
-      'config': config.to_dict()})
+      'config': config.to_dict()}, start_time=start_time)
   saves.close()
   return results
 
@@ -300,7 +323,7 @@ def report(workdir: str) -> dict[str, Any]:
   if step is None:
     raise _no_checkpoint(workdir, 'report')
   alphas = ckpt_lib.restore_local(ckpt_lib.item_path(workdir, step))['alphas']
-  genotype = _write_genotype(os.path.abspath(os.path.expanduser(workdir)), alphas)
+  genotype = _write_genotype(os.path.abspath(os.path.expanduser(workdir)), alphas, step=step)
   return {'step': step, 'genotype': genotypes_lib.genotype_to_json(genotype)}
 
 

@@ -59,10 +59,24 @@ def make_loss(distill: ml_collections.ConfigDict | None) -> Callable[..., tuple[
   :func:`distill_jax.losses.distillation_loss` with ``config.distill``'s method and weights
   bound (cross-entropy alone without a ``distill`` section)."""
   if distill is None:
-    return functools.partial(losses.distillation_loss, method='none')
-  return functools.partial(losses.distillation_loss, method=distill.method, alpha=distill.alpha,
-                           temperature=distill.temperature, beta=distill.beta,
-                           at_form=distill.at_form)
+    return _only_used_terms(functools.partial(losses.distillation_loss, method='none'), 'none')
+  return _only_used_terms(functools.partial(
+      losses.distillation_loss, method=distill.method, alpha=distill.alpha,
+      temperature=distill.temperature, beta=distill.beta, at_form=distill.at_form),
+                          distill.method)
+
+
+# The loss terms of each method beyond cross-entropy; the others are zeros, not logged.
+_METHOD_TERMS = {'kd': ('kd',), 'at': ('at',), 'kd_at': ('kd', 'at')}
+
+
+def _only_used_terms(loss_fn: Callable, method: str) -> Callable:
+  keep = ('ce', *_METHOD_TERMS.get(method, ()))
+
+  def loss(*args):
+    total, terms = loss_fn(*args)
+    return total, {k: v for k, v in terms.items() if k in keep}
+  return loss
 
 
 def create_train_state(variables: dict, tx: optax.GradientTransformation, seed: int) -> TrainState:

@@ -165,7 +165,8 @@ def _train(run: Run, workdir: str, start_time: float, *, finished: dict | None) 
     saves.close()
     return finished
 
-  writer = loop.create_writer(workdir, resume_step=restored_step)
+  writer = loop.create_writer(workdir, resume_step=restored_step,
+                              progress=loop.Progress('step', run.num_train_steps, first_step))
   if first_step == 0:
     writer.write_hparams(loop.flatten(config.to_dict()))
   cadence = loop.Cadence(run.num_train_steps, log_every=config.log_every_steps,
@@ -213,7 +214,7 @@ def _train(run: Run, workdir: str, start_time: float, *, finished: dict | None) 
       **final, 'num_params': run.num_params,
       'steps': run.num_train_steps, 'epochs': config.num_epochs, 'resumed_from_step': restored_step,
       'wall_time_s': time.time() - start_time, 'train_step_seconds': train_seconds,
-      'num_devices': run.mesh.size, 'config': config.to_dict()})
+      'num_devices': run.mesh.size, 'config': config.to_dict()}, start_time=start_time)
   saves.close()
   return results
 
@@ -273,7 +274,7 @@ def load_run_teacher(config: ml_collections.ConfigDict, workdir: str, *,
     teacher_dir = os.path.join(workdir, TEACHER_SUBDIR)
     if train_missing:
       train_and_evaluate(teacher_config(config), teacher_dir)
-  shape = (1, *data_lib.IMAGE_SHAPES[config.data.name])
+  shape = (1, *data_lib.dataset_info(config.data.name, config.data.data_dir or None)[1])
   teacher = teacher_lib.load_teacher(config.distill.teacher_model, teacher_dir, shape,
                                      dtype=models.compute_dtype(config.compute_dtype),
                                      allow_unfinished=config.distill.teacher_allow_unfinished)

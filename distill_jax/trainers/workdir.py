@@ -273,9 +273,10 @@ class Saves:
   """``with Saves(workdir, config) as saves:`` around a training loop's steps.
 
   Holds the loop's checkpoint manager and its :class:`~distill_jax.trainers.loop.StopSignals`:
-  :meth:`restore` resumes (with fallback, :func:`~distill_jax.trainers.checkpoint.restore_latest`),
+  :meth:`restore` resumes (with fallback, :func:`~distill_jax.trainers.checkpoint.restore_latest`)
+  and records the config (``config.json``),
   :meth:`due` says whether a step saves (its cadence, the save interval or a stop signal),
-  :meth:`save` records the config at the first save and then saves, :meth:`stop_if_asked`
+  :meth:`save` saves, :meth:`stop_if_asked`
   raises :class:`~distill_jax.trainers.loop.Stopped` after a signal. Leaving the block
   waits for the saves in flight; a divergence leaves with the checkpoints saved within
   one log interval before it moved aside
@@ -288,11 +289,11 @@ class Saves:
     self.manager = ckpt_lib.make_manager(workdir, keep=config.keep_checkpoints)
     self.signals = loop.StopSignals(config.checkpoint_every_seconds)
     self.last_saved = 0
-    self._recorded = False
 
   def restore(self, target: Any) -> tuple[Any, int | None]:
     state, step = ckpt_lib.restore_latest(self.manager, target, self.workdir)
     self.last_saved = step or 0
+    record_config(self.workdir, self.config)  # at the start: what this run computes under
     return state, step
 
   def due(self, cadence: loop.Cadence, step: int) -> bool:
@@ -303,9 +304,6 @@ class Saves:
     return self.signals.signum is not None
 
   def save(self, step: int, state: Any) -> None:
-    if not self._recorded:
-      record_config(self.workdir, self.config)
-      self._recorded = True
     ckpt_lib.save(self.manager, self.workdir, step, state)
     self.last_saved = step
     self.signals.saved()
