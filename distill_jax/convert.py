@@ -39,9 +39,9 @@ import dataclasses
 import hashlib
 import json
 import os
-import time
 import re
 import sys
+import time
 from typing import Any, Callable, Mapping
 
 from flax import traverse_util
@@ -509,10 +509,13 @@ def measure_test_error(model_config: Mapping, variables: Mapping, data: str, *,
           'test_examples': int(len(labels))}
 
 
-def write_teacher_workdir(out: str, variables: Mapping, results: Mapping[str, Any]) -> dict:
+def write_teacher_workdir(out: str, variables: Mapping, results: Mapping[str, Any], *,
+                          start_time: float | None = None) -> dict:
   """Writes ``out`` as a finished run holding ``variables``: a checkpoint at step
   :data:`CONVERTED_STEP` saved as a training run saves one (with its checksums), then
-  ``results.json`` (``results`` plus the versions). Refuses a folder that holds a run."""
+  ``results.json`` (``results`` plus the provenance and versions a training run records).
+  Refuses a folder that holds a run."""
+  start_time = time.time() if start_time is None else start_time
   out = workdir_lib.prepare(out)
   ckpt_dir = ckpt_lib.checkpoint_dir(out)
   if os.path.exists(os.path.join(out, loop.RESULTS_FILE)) or (
@@ -526,7 +529,7 @@ def write_teacher_workdir(out: str, variables: Mapping, results: Mapping[str, An
     ckpt_lib.wait(manager, out)
   finally:
     manager.close()
-  return loop.write_results(out, dict(results), start_time=time.time())
+  return loop.write_results(out, dict(results), start_time=start_time)
 
 
 def _sha256(path: str) -> str:
@@ -543,6 +546,7 @@ def convert_file(path: str, model_config: Mapping[str, Any], out: str, *,
   """Converts the state dict in ``path`` and writes ``out`` as a finished teacher run
   (:func:`write_teacher_workdir`); returns what ``results.json`` holds. A ``model_config``
   without ``num_classes`` takes the state dict's classifier size."""
+  start_time = time.time()
   state_dict, fmt = load_state_dict(path, trust_pickle=trust_pickle)
   config = _config_dict(model_config)
   family = _family(config, naming)
@@ -559,7 +563,8 @@ def convert_file(path: str, model_config: Mapping[str, Any], out: str, *,
                  'naming': done.naming, 'sha256': _sha256(path),
                  'keys_ignored': len(done.ignored), 'keys_dropped': done.dropped},
       'num_params': models.count_params(done.variables[PARAMS]),
-      'test_error_measured': bool(data), **({'data': data} if data else {}), **measured})
+      'test_error_measured': bool(data), **({'data': data} if data else {}), **measured},
+      start_time=start_time)
 
 
 # ------------------------------------------------------------------------ command line

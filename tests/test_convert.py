@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import types
 
 import jax
 import numpy as np
@@ -19,6 +20,7 @@ import pytest
 
 from distill_jax import convert, data as data_lib, genotypes, models
 from distill_jax.models import darts_ops
+from distill_jax.trainers import steps as steps_lib
 from distill_jax.trainers import teacher as teacher_lib
 
 DIGITS = (2, 8, 8, 1)
@@ -39,27 +41,33 @@ DARTS = {'name': 'darts', 'genotype': GENOTYPE, 'layers': 5, 'init_channels': 4,
 CONFIGS = {'wrn': WRN, 'densenet_bc': DENSENET, 'darts': DARTS}
 
 
-def _randomised(variables: dict, seed: int) -> dict:
-  """Parameters moved off their init and batch-norm statistics drawn at random, so a
-  misplaced or swapped array changes the logits."""
+def _random_variables(config: dict, seed: int, shape=DIGITS) -> dict:
+  """``{'params', 'batch_stats'}`` of ``config``'s network drawn at random (He-scaled
+  kernels, parameters and statistics off their init), so a misplaced or swapped array
+  changes the logits; built from the shapes alone (no eager ``init``)."""
   rng = np.random.default_rng(seed)
-  noise = lambda a: (0.1 * rng.standard_normal(np.shape(a))).astype(np.float32)
-  params = jax.tree.map(lambda a: np.asarray(a) + noise(a), variables['params'])
-  stats = jax.tree_util.tree_map_with_path(
-      lambda p, a: (rng.uniform(0.5, 2.0, np.shape(a)).astype(np.float32)
-                    if p[-1].key == 'var' else noise(a)), variables['batch_stats'])
-  return {'params': params, 'batch_stats': stats}
+  shapes = models.param_shapes(models.create_model(**config), shape)
+
+  def draw(path, s):
+    if path[-1].key == 'var':
+      return rng.uniform(0.5, 2.0, s.shape).astype(np.float32)
+    if path[-1].key == 'kernel':
+      return (rng.standard_normal(s.shape) * np.sqrt(2.0 / np.prod(s.shape[:-1]))).astype(np.float32)
+    base = 1.0 if path[-1].key == 'scale' else 0.0
+    return (base + 0.1 * rng.standard_normal(s.shape)).astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def _logits(model, variables, x) -> np.ndarray:
+  return np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False)[0])(variables, x))
 
 
 @pytest.fixture(scope='module')
 def nets() -> dict:
   """family -> (model, random variables for 8x8x1 inputs)."""
-  out = {}
-  for seed, (family, config) in enumerate(CONFIGS.items()):
-    model = models.create_model(**config)
-    out[family] = (model, _randomised(models.init_variables(model, jax.random.key(seed), DIGITS),
-                                      seed))
-  return out
+  return {family: (models.create_model(**config), _random_variables(config, seed))
+          for seed, (family, config) in enumerate(CONFIGS.items())}
 
 
 def _images(shape=DIGITS, seed=0) -> np.ndarray:
@@ -136,9 +144,9 @@ def test_round_trip_is_exact_and_the_naming_is_detected(nets, family, naming):
   for (path, a), (_, b) in zip(flat, back):
     assert b.dtype == np.float32 and a.shape == b.shape, path
     np.testing.assert_array_equal(a, b, err_msg=str(path))
+  apply = jax.jit(lambda v, x: model.apply(v, x, train=False)[0])  # one compile for both
   x = _images()
-  np.testing.assert_array_equal(model.apply(variables, x, train=False)[0],
-                                model.apply(done.variables, x, train=False)[0])
+  np.testing.assert_array_equal(apply(variables, x), apply(done.variables, x))
 
 
 def test_module_prefix_and_num_batches_tracked_are_accepted(nets):
@@ -201,10 +209,9 @@ def test_darts_variables_are_the_same_for_both_impls_grouped_and_depthwise():
     shapes = {impl: jax.tree.map(lambda s: s.shape, models.param_shapes(
         models.create_model(**config, impl=impl), DIGITS)) for impl in ('fast', 'lax')}
     assert shapes['fast'] == shapes['lax']
-    model = models.create_model(**config, impl='lax')
-    variables = _randomised(models.init_variables(model, jax.random.key(3), DIGITS), 3)
+    variables = _random_variables(config, 3)
     converted = convert.from_torch(convert.to_torch(variables, config), config)
-    logits = {impl: models.create_model(**config, impl=impl).apply(converted, _images(), train=False)[0]
+    logits = {impl: _logits(models.create_model(**config, impl=impl), converted, _images())
               for impl in ('fast', 'lax')}
     np.testing.assert_allclose(logits['fast'], logits['lax'], rtol=1e-5, atol=1e-5)
 
@@ -251,8 +258,6 @@ def test_command_writes_a_teacher_workdir_from_npz_without_torch(nets, tmp_path,
   assert rc == 2 and err.count('\n') == 1 and 'already holds a run' in err
 
 
-@pytest.mark.xfail(reason='--data measures a test error that differs from the trainer\'s '
-                   'evaluation of the same weights; open (see the issue note)', strict=False)
 def test_command_measures_the_test_error_with_data(nets, tmp_path, capsys):
   model, variables = nets['wrn']
   path, out = _npz(tmp_path, variables, WRN), str(tmp_path / 'teacher')
@@ -261,12 +266,20 @@ def test_command_measures_the_test_error_with_data(nets, tmp_path, capsys):
   assert rc == 0, err
   with open(os.path.join(out, 'results.json')) as f:
     results = json.load(f)
+  # The trainer's own evaluation of the same weights on the same split.
   digits = data_lib.load_dataset('digits')
-  logits = model.apply(variables, data_lib.normalize(digits.test_images, digits.mean, digits.std),
-                       train=False)[0]
-  expected = float(np.mean(np.argmax(logits, -1) != digits.test_labels))
+  n = len(digits.test_labels)
+  state = types.SimpleNamespace(**variables)
+  batch = {'image': digits.test_images, 'label': digits.test_labels,
+           'mask': np.ones(n, np.float32)}
+  sums = steps_lib.eval_step(state, batch, None, model=model,
+                             normalize=steps_lib.make_normalize(digits.mean, digits.std))
+  wrong = int(round(float(sums['top1_error'])))  # counted in integers: exact fractions
+  assert float(sums['count']) == n
+  expected = wrong / n
+  assert results['test_top5_error'] == int(round(float(sums['top5_error']))) / n
   assert results['test_error_measured'] is True and results['data'] == 'digits'
-  assert results['test_top1_error'] == pytest.approx(expected, abs=1e-9)
+  assert results['test_top1_error'] == expected
   assert results['test_examples'] == len(digits.test_labels)
   assert f'{100 * expected:.2f}%' in stdout
 

@@ -431,7 +431,7 @@ def test_phase_scan_equals_the_straight_line_step(fixed_batch, order, hessian, r
     ('model.impl', 'cuda', "config.model.impl='cuda' is invalid: allowed: auto, fast, lax"),
     ('model.impl', '', "config.model.impl='' is invalid: allowed: auto, fast, lax"),
     ('data.validation_fraction', 0.0, 'must be in (0, 1)'),
-    ('data.name', 'mnist', 'allowed: cifar10, cifar100, digits'),
+    ('data.name', 'no_such_dataset', 'allowed: cifar10, cifar100, digits'),
     ('optimizer.schedule', 'multistep', 'allowed: constant, cosine'),
     ('batch_size', 0, 'config.batch_size=0 is invalid'),
 ])
