@@ -10,11 +10,10 @@ r"""Teachers trained elsewhere: PyTorch state dicts of the field's CIFAR network
   (``model.pt7['params']``): ``conv0``, ``group{0,1,2}.blockN.{bn0,conv0,bn1,conv1,convdim}``,
   ``bn``, ``fc``, its convolutions bare tensors (no ``.weight``).
 * densenet_bc ``densenet3`` (default): andreasveit/densenet-pytorch ``DenseNet3``
-  (``bottleneck=True``; the layers of distill_jax's: new features after the input,
-  transitions keeping ``floor(C * reduction)``): ``conv1``,
-  ``block{1,2,3}.layer.N.{bn1,conv1,bn2,conv2}``, ``trans{1,2}.{bn1,conv1}``, ``bn1``,
-  ``fc``; densenet_bc ``bamos``: bamos/densenet.pytorch, the same as ``dense{1,2,3}.N.*``
-  (its ``forward`` ends in ``log_softmax``; the logits here are the ``fc`` outputs).
+  (``bottleneck=True``; distill_jax's layers: new features after the input, transitions to
+  ``floor(C * reduction)``): ``conv1``, ``block{1,2,3}.layer.N.{bn1,conv1,bn2,conv2}``,
+  ``trans{1,2}.{bn1,conv1}``, ``bn1``, ``fc``; densenet_bc ``bamos``: bamos/densenet.pytorch,
+  the same as ``dense{1,2,3}.N.*`` (its ``forward`` ends in ``log_softmax``).
 * darts ``darts``: quark0/darts ``cnn/model.py`` ``NetworkCIFAR``: ``stem.{0,1}``,
   ``cells.I.preprocess{0,1}.*`` and ``cells.I._ops.J.*`` (``op.K`` of the nn.Sequential,
   or ``conv_1, conv_2, bn``), ``classifier``, ``auxiliary_head.{features.K, classifier}``.
@@ -26,10 +25,9 @@ running_var`` -> ``params`` ``scale, bias``, ``batch_stats`` ``mean, var``;
 ``num_batches_tracked`` is ignored. Batch-norm constants need no conversion: the networks
 here use PyTorch's eps 1e-5, and a teacher in inference mode uses the stored statistics.
 
-Command: ``python -m distill_jax.convert --from=torch FILE --model=wrn_40_2 --out=DIR``
-writes DIR as a finished teacher run that ``distill.teacher_workdir=DIR`` loads: a
-checkpoint saved as a training run saves one (with its checksums) and a ``results.json``
-saying where it came from. Only ``.pt``/``.pth`` files need PyTorch; ``.npz`` needs none.
+``python -m distill_jax.convert --from=torch FILE --model=wrn_40_2 --out=DIR`` writes DIR as
+a finished teacher run for ``distill.teacher_workdir=DIR`` (a checkpoint saved as training
+saves one, and a ``results.json`` saying where it came from); ``.npz`` needs no PyTorch.
 """
 
 from __future__ import annotations
@@ -39,6 +37,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import pathlib
 import re
 import sys
 import time
@@ -94,10 +93,7 @@ class Leaf:
 
   @property
   def torch_shape(self) -> tuple[int, ...]:
-    s = self.shape
-    if self.layout == 'conv':
-      return (s[3], s[2], s[0], s[1])
-    return (s[1], s[0]) if self.layout == 'linear' else s
+    return tuple(self.shape[i] for i in _FROM_JAX.get(self.layout, range(len(self.shape))))
 
 
 # ------------------------------------------------------------------------ the namings
@@ -174,12 +170,9 @@ def _darts_module(naming: str, path: tuple[str, ...], params: Mapping) -> str | 
   edge = _indices(path[1], L.op_name, 1)
   if cell is None or len(path) != 3:
     return None
-  if path[1] in (L.PREPROCESS0, L.PREPROCESS1):
-    module = f'cells.{cell[0]}.{path[1]}'
-  elif edge is not None:
-    module = f'cells.{cell[0]}._ops.{edge[0]}'
-  else:
+  if path[1] not in (L.PREPROCESS0, L.PREPROCESS1) and edge is None:
     return None
+  module = f'cells.{cell[0]}.' + (f'_ops.{edge[0]}' if edge is not None else path[1])
   keys = set(params.get(path[0], {}).get(path[1], {}))
   table = next((t for t in _CELL_MODULES if next(iter(t)) in keys), {})
   return f'{module}.{table[path[2]]}' if path[2] in table else None
@@ -208,28 +201,24 @@ def leaves(variables: Mapping, family: str, naming: str) -> list[Leaf]:
       elif leaf in _BN_KEYS:
         out.append(Leaf(f'{module}.{_BN_KEYS[leaf]}', collection, path, 'vector', shape))
       else:
-        raise ConvertError(f'{where} is no conv, linear or batch-norm array; it has no PyTorch name')
+        raise ConvertError(f'{where} is no conv, linear or batch-norm array: no PyTorch name')
   return out
 
 
-# ------------------------------------------------------------------------ helpers
+# Axis orders: torch (O, I, H, W) -> (H, W, I, O) and (out, in) -> (in, out), and back.
+_TO_JAX = {'conv': (2, 3, 1, 0), 'linear': (1, 0)}
+_FROM_JAX = {'conv': (3, 2, 0, 1), 'linear': (1, 0)}
 
 
-def _to_jax(array: np.ndarray, layout: str) -> np.ndarray:
-  array = array.transpose(2, 3, 1, 0) if layout == 'conv' else array.T if layout == 'linear' else array
-  return np.ascontiguousarray(array, dtype=np.float32)
-
-
-def _from_jax(array: np.ndarray, layout: str) -> np.ndarray:
-  array = array.transpose(3, 2, 0, 1) if layout == 'conv' else array.T if layout == 'linear' else array
-  return np.ascontiguousarray(array, dtype=np.float32)
+def _relayout(array: np.ndarray, axes: tuple[int, ...] | None) -> np.ndarray:
+  """A writable float32 copy (never a view) of ``array`` transposed to ``axes``."""
+  return np.array(array if axes is None else np.transpose(array, axes), np.float32, order='C')
 
 
 def _as_numpy(key: str, value: Any) -> np.ndarray:
   """A numpy copy of a state-dict value (a torch tensor needs no torch import here)."""
   if hasattr(value, 'detach') and hasattr(value, 'cpu'):  # a torch tensor
-    value = value.detach().cpu()
-    return (value.float() if value.is_floating_point() else value).numpy()
+    return (value.detach().cpu().float() if value.is_floating_point() else value.cpu()).numpy()
   if not hasattr(value, 'shape'):
     raise ConvertError(f'state dict value of {key!r} is a {type(value).__name__}, not an array')
   return np.asarray(value)
@@ -271,22 +260,14 @@ def _clean(state_dict: Mapping) -> tuple[dict[str, np.ndarray], list[str]]:
   return arrays, ignored
 
 
-def detect_naming(keys: Any, family: str, tables: Mapping[str, list[Leaf]]) -> str:
-  """The naming of ``family`` whose keys the state dict holds most of (ties: the first)."""
-  keys = set(keys)
-  return max(NAMINGS[family], key=lambda n: sum(leaf.torch_key in keys for leaf in tables[n]))
-
-
-# ------------------------------------------------------------------------ the checks
-
-
 def _missing_error(missing: list[Leaf], family: str, naming: str, arrays: Mapping,
                    table: list[Leaf]) -> ConvertError:
   more = f' (and {len(missing) - 1} more keys)' if len(missing) > 1 else ''
   hint = ''
   if len(missing) == len(table):
     hint = (f'; none of its keys is there (the state dict has e.g. {next(iter(arrays))!r}); '
-            f'namings of {family}: ' + ', '.join(f'{n} ({DESCRIPTIONS[n]})' for n in NAMINGS[family]))
+            f'namings of {family}: ' + ', '.join(f'{n} ({DESCRIPTIONS[n]})'
+                                                 for n in NAMINGS[family]))
   return ConvertError(
       f'state dict key {missing[0].torch_key!r} is missing{more}: the {family} model needs it with '
       f'shape {tuple(missing[0].torch_shape)} ({DESCRIPTIONS[naming]} naming){hint}')
@@ -337,7 +318,9 @@ def convert(state_dict: Mapping[str, Any], model_config: Mapping[str, Any], *,
     arrays = {k: v for k, v in arrays.items() if not k.startswith(AUX_PREFIX)}
   shapes = models.param_shapes(model, input_shape or (1, 32, 32, 3))
   tables = {n: leaves(shapes, family, n) for n in NAMINGS[family]}
-  naming = naming or detect_naming(arrays, family, tables)
+  # Unless given, the naming whose keys the state dict holds most of (ties: the first).
+  naming = naming or max(NAMINGS[family],
+                         key=lambda n: sum(leaf.torch_key in arrays for leaf in tables[n]))
   table = tables[naming]
   stem = next(leaf for leaf in table if leaf.path[0] in STEM_MODULES)
   found = arrays.get(stem.torch_key)
@@ -355,7 +338,7 @@ def convert(state_dict: Mapping[str, Any], model_config: Mapping[str, Any], *,
     array = arrays[leaf.torch_key]
     if tuple(array.shape) != leaf.torch_shape:
       raise _shape_error(leaf, tuple(array.shape))
-    flat[(leaf.collection,) + leaf.path] = _to_jax(array, leaf.layout)
+    flat[(leaf.collection,) + leaf.path] = _relayout(array, _TO_JAX.get(leaf.layout))
   variables = {PARAMS: {}, BATCH_STATS: {}, **traverse_util.unflatten_dict(flat)}
   return Conversion(variables, naming, ignored, dropped)
 
@@ -397,7 +380,7 @@ def to_torch(variables: Mapping[str, Any], model_config: Mapping[str, Any], *,
   out = {}
   for leaf in leaves(variables, family, naming):
     array = np.asarray(flat[(leaf.collection,) + leaf.path])
-    out[leaf.torch_key] = _from_jax(array, leaf.layout)
+    out[leaf.torch_key] = _relayout(array, _FROM_JAX.get(leaf.layout))
     if leaf.torch_key.endswith('.running_var') and naming not in _BARE_CONVS:
       out[leaf.torch_key[:-len('.running_var')] + IGNORED_SUFFIX] = np.zeros((), np.int64)
   return out
@@ -457,24 +440,17 @@ def infer_num_classes(state_dict: Mapping[str, Any], family: str) -> int | None:
 def model_config_from_flag(value: str, num_classes: int | None = None) -> dict:
   """``--model``: a key of ``config_lib.NETWORKS``, a JSON model config or a ``.json`` file."""
   from distill_jax import config_lib  # pylint: disable=import-outside-toplevel
-  if value in config_lib.NETWORKS:
-    config = dict(config_lib.NETWORKS[value])
-  else:
-    text = value
-    if value.endswith('.json') and os.path.isfile(value):
-      with open(value) as f:
-        text = f.read()
-    if not text.lstrip().startswith('{'):
-      raise ConvertError(
-          f'--model={value!r} is neither a network ({", ".join(config_lib.NETWORKS)}) nor a JSON '
-          'model config such as \'{"name": "wrn", "depth": 40, "widen_factor": 2}\'')
-    try:
-      config = json.loads(text)
-    except json.JSONDecodeError as e:
-      raise ConvertError(f'--model is not valid JSON ({e})') from None
-    if not isinstance(config, dict) or 'name' not in config:
-      raise ConvertError(f'--model JSON must be an object with a "name" ({", ".join(NAMINGS)}); '
-                         f'got {text.strip()[:80]}')
+  is_file = value.endswith('.json') and os.path.isfile(value)
+  text = pathlib.Path(value).read_text() if is_file else value
+  try:
+    config = (dict(config_lib.NETWORKS[value]) if value in config_lib.NETWORKS else
+              json.loads(text) if text.lstrip().startswith('{') else None)
+  except json.JSONDecodeError as e:
+    raise ConvertError(f'--model is not valid JSON ({e})') from None
+  if not isinstance(config, dict) or 'name' not in config:
+    raise ConvertError(
+        f'--model={value!r} is neither a network ({", ".join(config_lib.NETWORKS)}) nor a JSON '
+        'model config with a "name", e.g. \'{"name": "wrn", "depth": 40, "widen_factor": 2}\'')
   if num_classes is not None:
     config['num_classes'] = num_classes
   return config
@@ -490,11 +466,11 @@ def measure_test_error(model_config: Mapping, variables: Mapping, data: str, *,
   from distill_jax import data as data_lib  # pylint: disable=import-outside-toplevel
   dataset = data_lib.load_dataset(data, data_dir=data_dir or None)
   images, labels = dataset.test_images, dataset.test_labels
-  stem = next(v for p, v in traverse_util.flatten_dict(dict(variables[PARAMS])).items()
-              if p[0] in STEM_MODULES)
-  if images.shape[-1] != np.shape(stem)[2]:
-    raise ConvertError(f'--data={data} has {images.shape[-1]}-channel images; the converted '
-                       f'network reads {np.shape(stem)[2]} channels')
+  flat = traverse_util.flatten_dict(dict(variables[PARAMS]))
+  reads = next(np.shape(v)[2] for p, v in flat.items() if p[0] in STEM_MODULES)
+  if images.shape[-1] != reads:
+    raise ConvertError(f'--data={data} has {images.shape[-1]}-channel images; the network '
+                       f'reads {reads}')
   model = models.create_model(**model_config)
   apply = jax.jit(lambda v, x: model.apply(v, data_lib.normalize(x, dataset.mean, dataset.std),
                                            train=False)[0])
@@ -532,14 +508,6 @@ def write_teacher_workdir(out: str, variables: Mapping, results: Mapping[str, An
   return loop.write_results(out, dict(results), start_time=start_time)
 
 
-def _sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for chunk in iter(lambda: f.read(1 << 20), b''):
-      digest.update(chunk)
-  return digest.hexdigest()
-
-
 def convert_file(path: str, model_config: Mapping[str, Any], out: str, *,
                  naming: str | None = None, drop_auxiliary: bool = False, data: str = '',
                  data_dir: str = '', trust_pickle: bool = False) -> dict:
@@ -548,6 +516,8 @@ def convert_file(path: str, model_config: Mapping[str, Any], out: str, *,
   without ``num_classes`` takes the state dict's classifier size."""
   start_time = time.time()
   state_dict, fmt = load_state_dict(path, trust_pickle=trust_pickle)
+  with open(path, 'rb') as f:
+    sha256 = hashlib.file_digest(f, 'sha256').hexdigest()
   config = _config_dict(model_config)
   family = _family(config, naming)
   if 'num_classes' not in config and infer_num_classes(state_dict, family) is not None:
@@ -560,7 +530,7 @@ def convert_file(path: str, model_config: Mapping[str, Any], out: str, *,
   return write_teacher_workdir(out, done.variables, {
       'converted': True, 'note': note, 'model': config,
       'source': {'file': os.path.abspath(path), 'format': fmt, 'from': 'torch',
-                 'naming': done.naming, 'sha256': _sha256(path),
+                 'naming': done.naming, 'sha256': sha256,
                  'keys_ignored': len(done.ignored), 'keys_dropped': done.dropped},
       'num_params': models.count_params(done.variables[PARAMS]),
       'test_error_measured': bool(data), **({'data': data} if data else {}), **measured},
@@ -570,19 +540,17 @@ def convert_file(path: str, model_config: Mapping[str, Any], out: str, *,
 # ------------------------------------------------------------------------ command line
 
 
-class _Parser(argparse.ArgumentParser):
-  """Bad flags exit with one line ``error: ...`` (status 2)."""
-
-  def error(self, message: str) -> None:
-    print(f'error: {message} (python -m distill_jax.convert --help lists the flags)',
-          file=sys.stderr)
-    raise SystemExit(2)
+def _flag_error(message: str) -> None:
+  """Bad flags exit with one line ``error: ...`` (status 2), not argparse's usage text."""
+  print(f'error: {message} (python -m distill_jax.convert --help lists the flags)', file=sys.stderr)
+  raise SystemExit(2)
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = _Parser(prog='python -m distill_jax.convert',
-              description='Converts a PyTorch state dict of a CIFAR WRN, DenseNet-BC or DARTS '
-              'network into a finished distill_jax teacher run (distill.teacher_workdir=OUT).')
+  p = argparse.ArgumentParser(
+      prog='python -m distill_jax.convert', description='Converts a PyTorch state dict of a '
+      'CIFAR WRN, DenseNet-BC or DARTS network into a finished distill_jax teacher run.')
+  p.error = _flag_error
   p.add_argument('--from', dest='source_format', required=True, choices=('torch',),
                  help='the framework the file comes from')
   p.add_argument('file', help='.pt / .pth / .pt7 (needs PyTorch) or .npz state dict')
@@ -596,9 +564,9 @@ def _parser() -> argparse.ArgumentParser:
                  help='the state dict key naming (default: detected from its keys)')
   p.add_argument('--drop_auxiliary', action='store_true',
                  help='leave out a DARTS auxiliary head the model config does not have')
-  p.add_argument('--data', default='', choices=('', 'digits', 'cifar10', 'cifar100'),
-                 help='measure the test error on this dataset (default: not measured)')
-  p.add_argument('--data_dir', default='', help='tfds data_dir for --data=cifar10 / cifar100')
+  p.add_argument('--data', default='',
+                 help='measure the test error on this dataset, e.g. cifar100 (default: none)')
+  p.add_argument('--data_dir', default='', help='tfds data_dir for --data')
   p.add_argument('--trust_pickle', action='store_true',
                  help='torch.load(weights_only=False), for trusted files holding more than tensors')
   return p

@@ -294,7 +294,7 @@ def test_command_errors_are_one_line(nets, tmp_path, monkeypatch, capsys):
   path = _npz(tmp_path, nets['wrn'][1], WRN)
   for argv, match in [
       (['--from=torch', path, '--model=wrn_99_9', out], "--model='wrn_99_9' is neither a network"),
-      (['--from=torch', path, '--model={"depth": 10}', out], 'must be an object with a "name"'),
+      (['--from=torch', path, '--model={"depth": 10}', out], 'nor a JSON model config with a "name"'),
       (['--from=torch', path, '--model=wrn_16_2', out], 'is missing (and'),
       (['--from=torch', path, '--model=wrn_40_2', '--num_classes=0', out], 'model.num_classes=0'),
       (['--from=torch', path, '--model=wrn_16_2'], 'the following arguments are required: --out'),
