@@ -289,7 +289,8 @@ def dataset_info(name: str, data_dir: str | None = None) -> tuple[int, tuple[int
   if name in _LOADERS:
     d = _registered(name)
     return d.num_classes, d.image_shape
-  key = (name, data_dir or None)
+  data_dir = os.path.expanduser(data_dir) if data_dir else None  # '~/...' as a shell would
+  key = (name, data_dir)
   if key not in _TFDS_INFO:
     features = _tfds_builder(name, data_dir or None).info.features
     _TFDS_INFO[key] = (int(features['label'].num_classes), tuple(features['image'].shape))
@@ -403,7 +404,8 @@ def load_dataset(name: str, *, data_dir: str | None = None, validation_fraction:
     mean = (float(train_x.mean() / 255.0),)
     std = (float(train_x.std() / 255.0),)
   else:
-    num_classes, _ = dataset_info(name, data_dir or None)
+    data_dir = os.path.expanduser(data_dir) if data_dir else None
+    num_classes, _ = dataset_info(name, data_dir)
     train_x, train_y, test_x, test_y = _load_tfds(name, data_dir or None)
     if name in PUBLISHED_STATS:
       mean, std = PUBLISHED_STATS[name]

@@ -232,3 +232,17 @@ def test_from_arrays_rejects_bad_arrays_in_one_line(change, parts):
   message = str(e.value)
   assert '\n' not in message and message.startswith("data.from_arrays(name='mine'): ")
   assert all(p in message for p in parts), message
+
+
+def test_a_data_dir_under_home_is_expanded(tmp_path, monkeypatch):
+  # `--config.data.data_dir=~/tensorflow_datasets` reaches the code unexpanded (the shell
+  # leaves a tilde after `=` alone); tfds would read a folder named '~'.
+  tfds = pytest.importorskip('tensorflow_datasets')
+  monkeypatch.setenv('HOME', str(tmp_path))
+  monkeypatch.setenv(data_lib.STATS_ENV, str(tmp_path / 'stats'))
+  seen = []
+  builder = data_lib._tfds_builder  # pylint: disable=protected-access
+  monkeypatch.setattr(data_lib, '_tfds_builder', lambda name, d: seen.append(d) or builder(name, d))
+  with tfds.testing.mock_data(num_examples=8):
+    data_lib.load_dataset('mnist', data_dir='~/tfds')
+  assert seen and set(seen) == {str(tmp_path / 'tfds')}

@@ -14,17 +14,17 @@ README = open(os.path.join(REPO, 'README.md')).read()
 SNIPPETS = re.findall(r'```python\n(.*?)```', README, flags=re.S)
 
 
-def _commands() -> list[list[str]]:
-  """The ``python -m distill_jax.main`` commands of the README's bash blocks, as words."""
+def _commands(module: str = 'distill_jax.main') -> list[list[str]]:
+  """The ``python -m MODULE`` commands of the README's bash blocks, as words."""
   out = []
   for block in re.findall(r'```bash\n(.*?)```', README, flags=re.S):
     text = block.replace('\\\n', ' ')
     for line in text.splitlines():
       line = line.split(' #', 1)[0]
       for part in re.split(r'&&|;|\|', line):
-        if 'distill_jax.main' in part:
+        if module in part:
           words = shlex.split(part)
-          out.append(words[words.index('distill_jax.main') + 1:])
+          out.append(words[words.index(module) + 1:])
   return out
 
 
@@ -55,3 +55,11 @@ def test_command_names_a_config_and_its_fields(words, monkeypatch):
   for word in words:
     if word.startswith('--') and not word.startswith(('--config', '--noconfig')):
       assert word.split('=', 1)[0].lstrip('-') in ('workdir', 'mode', 'shard', 'cpu_devices'), word
+
+
+@pytest.mark.parametrize('words', _commands('distill_jax.convert'))
+def test_convert_command_parses_and_names_a_network(words):
+  from distill_jax import config_lib, convert  # pylint: disable=import-outside-toplevel
+  args = convert._parser().parse_args(words)  # pylint: disable=protected-access  (exits on a bad flag)
+  assert args.model in config_lib.NETWORKS
+  assert convert.model_config_from_flag(args.model)['name'] in ('wrn', 'densenet_bc', 'darts')
