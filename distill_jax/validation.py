@@ -266,6 +266,30 @@ def validate_distill_config(config: ml_collections.ConfigDict) -> None:
     _check(config.distill.teacher_model.get('num_classes') == classes,
            'distill.teacher_model.num_classes', config.distill.teacher_model.get('num_classes'),
            f'must equal model.num_classes={classes}')
+  if config.distill.method in ('at', 'kd_at'):
+    check_points_pair(config)
+
+
+def _point_sizes(model_config: ml_collections.ConfigDict, image_shape: tuple[int, ...]
+                 ) -> list[str]:
+  """``'HxW'`` of each attention point of the network, from shapes alone (no compute)."""
+  model = models.create_model(**dict(model_config))
+  (_, points), _ = jax.eval_shape(lambda: model.init_with_output(
+      jax.random.key(0), jax.numpy.zeros((1, *image_shape)), train=False))
+  return [f'{p.shape[1]}x{p.shape[2]}' for p in points]
+
+
+def check_points_pair(config: ml_collections.ConfigDict) -> None:
+  """Attention transfer pairs point i of the student with point i of the teacher: both
+  networks have as many points, of the same spatial sizes, on ``config.data``'s images."""
+  image_shape = dataset_info(config)[1]
+  student = _point_sizes(config.model, image_shape)
+  teacher = _point_sizes(config.distill.teacher_model, image_shape)
+  _check(student == teacher, 'distill.method', config.distill.method,
+         f'attention transfer pairs point i of the student with point i of the teacher, but '
+         f'model ({config.model.name}) has points [{", ".join(student)}] and '
+         f'distill.teacher_model ({config.distill.teacher_model.name}) has '
+         f'[{", ".join(teacher)}]; use kd, or networks whose points match')
 
 
 def check_workdir_fields(config: ml_collections.ConfigDict) -> None:

@@ -19,6 +19,9 @@ CACHE_DIR = os.environ.get(
 # Bounded as the job's own cache is, so that the jobs the tests start in subprocesses
 # (JAX_COMPILATION_CACHE_DIR=CACHE_DIR) can write to it too.
 jobs.use_compilation_cache(CACHE_DIR, min_compile_time_secs=0.5)
+# Every JAX process a test starts is bounded from its first compile, the benchmarks too (an
+# unbounded writer leaves entries without the access time the bounded ones then fail on).
+os.environ['JAX_COMPILATION_CACHE_MAX_SIZE'] = str(jobs.CACHE_MAX_BYTES)
 # Tiny test models are compile-bound: trade step speed for shorter compiles.
 jax.config.update('jax_disable_most_optimizations', True)
 

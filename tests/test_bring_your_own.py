@@ -241,6 +241,26 @@ def test_imported_network_teaches_a_wrn(cnn_student, tmp_path):
   assert rows and all(r['train_at'] > 0 and r.get('train_kd', 0.0) == 0 for r in rows)
 
 
+@pytest.mark.e2e
+def test_kd_needs_no_matching_points(wrn_teacher, tmp_path):
+  """PlainCNN has one attention point, the WRN three: KD distils; there is no AT distance."""
+  config = distill_config(model_config('plain_cnn'), model_config('wrn', depth=10, widen_factor=1),
+                          wrn_teacher, method='kd')
+  results = jobs.run(config, str(tmp_path))
+  assert 0.0 <= results['test_teacher_agreement'] <= 1.0 and 'test_at_distance' not in results
+  assert all(r['train_kd'] > 0 for r in train_rows(str(tmp_path)))
+
+
+@pytest.mark.parametrize('method', ['at', 'kd_at'])
+def test_attention_transfer_between_unpaired_points_is_one_line(method, tmp_path):
+  config = distill_config(model_config('plain_cnn'), model_config('wrn', depth=10, widen_factor=1),
+                          str(tmp_path / 'never_read'), method=method)
+  with pytest.raises(validation.ConfigError) as e:
+    validation.validate_distill_config(config)
+  one_line(e, f"config.distill.method='{method}' is invalid", 'model (plain_cnn) has points [8x8]',
+           'distill.teacher_model (wrn) has [8x8, 4x4, 2x2]', 'use kd')
+
+
 # ---------------------------------------------------------------------------
 # Your own data.
 

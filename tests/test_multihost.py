@@ -65,7 +65,10 @@ def test_two_processes_match_one_and_resume(tmp_path):
   train_lib.train_and_evaluate(config, single)
   a, b = _restore(multi), _restore(single)
   assert int(a['step']) == int(b['step']) == 44
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-3, atol=2e-4),
+  # Equal up to the order of float sums (a cross-process all-reduce against one process's),
+  # grown over 44 steps: seen up to 3e-4 in one element of 32. The bugs this test is for
+  # (a wrong batch split, parameters that drift apart between processes) move them all.
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-3, atol=1e-3),
                (a['params'], a['batch_stats']), (b['params'], b['batch_stats']))
   # Only process 0 writes the machine-readable outputs.
   assert len(open(os.path.join(multi, 'metrics.jsonl')).readlines()) == len(
