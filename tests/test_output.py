@@ -19,6 +19,11 @@ def test_plain_duration(seconds, words):
   assert loop.plain_duration(seconds) == words
 
 
+def test_counts_are_singular_for_one():
+  assert loop.count(1, 'device') == '1 device' and loop.count(8, 'device') == '8 devices'
+  assert loop.count(10694, 'parameter') == '10,694 parameters' and loop.count(0, 'step') == '0 steps'
+
+
 def test_progress_extrapolates_from_the_units_after_the_first_report(monkeypatch):
   clock = iter([100.0, 110.0, 112.0, 130.0])
   monkeypatch.setattr(loop.time, 'monotonic', lambda: next(clock))

@@ -205,6 +205,12 @@ class PendingMetrics:
     return values
 
 
+def count(n: int, noun: str) -> str:
+  """``n`` with thousands separators and ``noun``, plural unless 1: ``'1 device'``,
+  ``'10,694 parameters'``."""
+  return f'{n:,} {noun}{"" if n == 1 else "s"}'
+
+
 def plain_duration(seconds: float) -> str:
   """``3725`` -> ``'1 h 02 min'``, ``200`` -> ``'3 min 20 s'``, ``7.4`` -> ``'7 s'``."""
   seconds = max(int(round(seconds)), 0)

@@ -221,11 +221,11 @@ def _search(config: ml_collections.ConfigDict, workdir: str, start_time: float) 
   # The pictures as TensorBoard images (process 0), each time they are drawn.
   purge = None if restored_step is None else restored_step + 1
   images = search_plots.TensorBoardImages(workdir, purge) if jax.process_index() == 0 else None
-  logging.info('DARTS search (order %d%s): supernet %d cells, C=%d, %d parameters, on %s, '
-               '%d steps over %d devices.', config.order,
-               f', {config.hessian} hessian' if config.order == 2 else '', config.model.layers,
-               config.model.init_channels, s.num_params, config.data.name, cadence.num_steps,
-               s.mesh.size)
+  logging.info('DARTS search (order %d%s): supernet %d cells, C=%d, %s, on %s, %s over %s.',
+               config.order, f', {config.hessian} hessian' if config.order == 2 else '',
+               config.model.layers, config.model.init_channels,
+               loop.count(s.num_params, 'parameter'), config.data.name,
+               loop.count(cadence.num_steps, 'step'), loop.count(s.mesh.size, 'device'))
 
   pending = loop.PendingMetrics(first_step, finite_keys=('train_loss', 'param_norm', 'alpha_norm'),
                                 hint='lower optimizer.learning_rate or arch.learning_rate (and '

@@ -172,9 +172,9 @@ def _train(run: Run, workdir: str, start_time: float, *, finished: dict | None) 
   cadence = loop.Cadence(run.num_train_steps, log_every=config.log_every_steps,
                          eval_every=config.eval_every_steps or run.steps_per_epoch,
                          save_every=config.checkpoint_every_steps)
-  logging.info('Training %s (%d parameters) on %s for %d steps over %d devices.',
-               config.model.name, run.num_params, config.data.name, run.num_train_steps,
-               run.mesh.size)
+  logging.info('Training %s (%s) on %s for %s over %s.', config.model.name,
+               loop.count(run.num_params, 'parameter'), config.data.name,
+               loop.count(run.num_train_steps, 'step'), loop.count(run.mesh.size, 'device'))
 
   pending = loop.PendingMetrics(first_step, finite_keys=('loss', 'param_norm'),
                                 hint='lower optimizer.learning_rate (and allow it with '
