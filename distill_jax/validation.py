@@ -280,16 +280,21 @@ def _point_sizes(model_config: ml_collections.ConfigDict, image_shape: tuple[int
 
 
 def check_points_pair(config: ml_collections.ConfigDict) -> None:
-  """Attention transfer pairs point i of the student with point i of the teacher: both
-  networks have as many points, of the same spatial sizes, on ``config.data``'s images."""
+  """Attention transfer pairs point i of the student with point i of the teacher (sizes
+  may differ: the larger map is shrunk): both networks have as many points, at least one,
+  on ``config.data``'s images."""
   image_shape = dataset_info(config)[1]
   student = _point_sizes(config.model, image_shape)
   teacher = _point_sizes(config.distill.teacher_model, image_shape)
-  _check(student == teacher, 'distill.method', config.distill.method,
+  _check(student and len(student) == len(teacher), 'distill.method', config.distill.method,
          f'attention transfer pairs point i of the student with point i of the teacher, but '
-         f'model ({config.model.name}) has points [{", ".join(student)}] and '
-         f'distill.teacher_model ({config.distill.teacher_model.name}) has '
-         f'[{", ".join(teacher)}]; use kd, or networks whose points match')
+         f'model ({config.model.name}) has {_listed(student)} and distill.teacher_model '
+         f'({config.distill.teacher_model.name}) has {_listed(teacher)}; use kd, or networks '
+         'with as many points')
+
+
+def _listed(sizes: list[str]) -> str:
+  return f'{len(sizes)} point{"" if len(sizes) == 1 else "s"} [{", ".join(sizes)}]'
 
 
 def check_workdir_fields(config: ml_collections.ConfigDict) -> None:

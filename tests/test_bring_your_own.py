@@ -257,8 +257,10 @@ def test_attention_transfer_between_unpaired_points_is_one_line(method, tmp_path
                           str(tmp_path / 'never_read'), method=method)
   with pytest.raises(validation.ConfigError) as e:
     validation.validate_distill_config(config)
-  one_line(e, f"config.distill.method='{method}' is invalid", 'model (plain_cnn) has points [8x8]',
-           'distill.teacher_model (wrn) has [8x8, 4x4, 2x2]', 'use kd')
+  one_line(e, f"config.distill.method='{method}' is invalid",
+           'model (plain_cnn) has 1 point [8x8]',
+           'distill.teacher_model (wrn) has 3 points [8x8, 4x4, 2x2]',
+           'use kd')
 
 
 # ---------------------------------------------------------------------------

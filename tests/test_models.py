@@ -106,6 +106,21 @@ def test_output_shapes(key, input_shape, rng):
   assert np.all(np.isfinite(logits))
 
 
+@pytest.mark.parametrize('name, fields', [
+    *[TINY[k][:2] for k in sorted(TINY)],
+    ('darts', dict(layers=3, init_channels=4, genotype='DARTS_V1', auxiliary=True))])
+def test_embedding_is_what_the_classifier_reads(name, fields, rng):
+  model = models.create_model(name, **fields)
+  variables = models.init_variables(model, rng, DIGITS)
+  x = jax.random.normal(rng, DIGITS)
+  (logits, _), state = model.apply(variables, x, train=False, mutable=['intermediates'])
+  (embedding,) = state['intermediates']['embedding']
+  classifier = variables['params']['classifier']
+  assert embedding.shape == (DIGITS[0], classifier['kernel'].shape[0])
+  np.testing.assert_allclose(embedding @ classifier['kernel'] + classifier['bias'], logits,
+                             rtol=1e-5, atol=1e-5)
+
+
 def test_registry():
   assert isinstance(models.create_model('wrn', depth=10, widen_factor=1), WideResNet)
   assert isinstance(models.create_model('densenet_bc', depth=10, growth_rate=4), DenseNetBC)

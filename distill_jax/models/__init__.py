@@ -19,8 +19,12 @@ The network contract:
   on CIFAR). Attention transfer pairs point ``i`` of the student with point ``i`` of
   the teacher (spatial sizes and channel counts may differ within a pair; each map is
   shrunk to the smaller size), so student and teacher need the same number of points;
-  KD's loss uses none. An evaluation against a teacher also reports the attention
-  distance, which pairs the points the same way, so keep the counts equal anyway.
+  KD's loss uses none (AT between networks with different counts is refused before
+  any compute). An evaluation against a teacher also reports the attention distance
+  when the counts are equal.
+* Optionally sow the pooled features the classifier reads, ``self.sow('intermediates',
+  'embedding', x)`` with ``x`` of shape ``(N, D)`` (the built-ins do): the methods that
+  compare embeddings read them there.
   ``train`` switches batch norm (``'batch_stats'``) and dropout (rng ``'dropout'``).
 * Dataclass fields are the config's ``model.*`` fields. ``num_classes`` is required
   (the trainer checks it against the dataset); any field without a default must be

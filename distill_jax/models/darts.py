@@ -291,6 +291,7 @@ class DartsNetwork(nn.Module):
           self.sow(names.INTERMEDIATES, names.AUX_LOGITS, aux)
       reduction_prev = reduction
     out = jnp.mean(s1, axis=(1, 2))
+    self.sow(names.INTERMEDIATES, names.EMBEDDING, out)  # (N, D): what RKD/PKT/CC read
     logits = _dense(self.num_classes, out.shape[-1], self.dtype, names.CLASSIFIER)(out)
     return logits.astype(jnp.float32), tuple(points)
 

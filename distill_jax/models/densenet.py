@@ -109,6 +109,7 @@ class DenseNetBC(nn.Module):
         x = layers.mark(self, names.densenet_transition_output(i), x)
     x = nn.relu(layers.batch_norm(train=train, dtype=self.dtype, name='final_bn')(x))
     x = layers.global_avg_pool(x)
+    self.sow(names.INTERMEDIATES, names.EMBEDDING, x)  # (N, D): what RKD/PKT/CC read
     logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
                       name=names.CLASSIFIER)(x)
     return logits.astype(jnp.float32), tuple(points)

@@ -8,6 +8,7 @@ rename here (and in the layers that use them) breaks a test, not a run.
 INTERMEDIATES = 'intermediates'    # the collection networks sow values into
 PERTURBATIONS = 'perturbations'    # the collection of zero perturbations (activation gradients)
 AUX_LOGITS = 'aux_logits'          # DARTS auxiliary head logits, sown into INTERMEDIATES
+EMBEDDING = 'embedding'            # the pooled features the classifier reads, sown likewise
 OUTPUT = 'output'                  # the marked output of a block or cell
 AUX_HEAD = 'aux_head'              # the DARTS auxiliary head's submodule (its parameters)
 CLASSIFIER = 'classifier'          # every network's final linear layer

@@ -154,9 +154,8 @@ def eval_step(state: TrainState, batch: dict, teacher: dict | None, *, model: nn
               teacher_model: nn.Module | None = None) -> dict:
   """Sums over the (padded, masked) batch: loss, top-1/top-5 errors and the count.
 
-  With a teacher, also the top-1 agreement with it and, when the two networks' attention
-  points pair up (as many, of the same spatial sizes; KD alone needs no such pairing), the
-  attention distance (the released AT term, Σ over points of the mean squared map
+  With a teacher, also the top-1 agreement with it and, when the two networks have as
+  many attention points (KD alone needs no such pairing), the attention distance (the released AT term, Σ over points of the mean squared map
   difference, without β).
   """
   images = normalize(batch['image'])
@@ -171,7 +170,7 @@ def eval_step(state: TrainState, batch: dict, teacher: dict | None, *, model: nn
     teacher_logits, teacher_points = teacher_model.apply(teacher, images, train=False)
     agree = (logits.argmax(-1) == teacher_logits.argmax(-1)).astype(jnp.float32)
     sums['teacher_agreement'] = jnp.sum(agree * mask)
-    if [p.shape[1:3] for p in points] == [p.shape[1:3] for p in teacher_points]:
+    if points and len(points) == len(teacher_points):
       per_example = losses.at_distance_per_example(points, teacher_points)
       sums['at_distance'] = jnp.sum(per_example * mask)
   return sums
