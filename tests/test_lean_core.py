@@ -81,3 +81,15 @@ def test_module_list_is_the_package():
   modules = all_modules()
   assert 'distill_jax.trainers.loop' in modules and 'distill_jax.experiments.darts_fisher' in modules
   assert 'distill_jax.grow.transfer' in modules and 'distill_jax.main' in modules
+
+
+def test_losses_import_pulls_in_no_tensorflow_orbax_clu_or_flax():
+  # The losses, the distillation zoo included, are pure JAX: a process that imports only
+  # distill_jax.losses loads none of the training stack.
+  heavy = ('tensorflow', 'tensorflow_datasets', 'orbax', 'clu', 'flax', 'ml_collections')
+  code = ('import json, sys, distill_jax.losses; '
+          f'print(json.dumps(sorted({{m.split(".")[0] for m in sys.modules}} & set({heavy!r}))))')
+  proc = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True,
+                        timeout=120, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert json.loads(proc.stdout.strip().splitlines()[-1]) == []

@@ -1,4 +1,4 @@
-"""Knowledge-distillation and attention-transfer losses.
+"""Knowledge-distillation losses: logits, attention, feature maps, relations.
 
 Pure functions on arrays; they import only JAX, NumPy and optax (no Flax, no
 configuration, no TensorFlow), so other JAX projects can use them directly. All
@@ -7,9 +7,10 @@ floating dtype are accepted; anything narrower than float32 (bfloat16, float16)
 is cast to float32 before softmaxes and reductions, so losses come back as
 float32 (float64 inputs, with x64 enabled, stay float64).
 
-Every loss has a per-example core, returning one value per example (shape
-``(N,)``), and a batch-mean wrapper with the historical name, which is exactly
-the mean of its core over the batch:
+Every loss of the classification, attention and combined groups below has a
+per-example core, returning one value per example (shape ``(N,)``), and a
+batch-mean wrapper with the historical name, which is exactly the mean of its
+core over the batch:
 
 * :func:`cross_entropy_per_example` -> :func:`cross_entropy`
 * :func:`soft_kl_per_example` -> :func:`soft_kl`
@@ -40,6 +41,40 @@ Combined objective:
   (``'none'``, ``'kd'``, ``'at'``, ``'kd_at'``, ``'hard'``) plus its terms for
   logging.
 
+The losses of the distillation zoo below follow the authors' public releases
+(each docstring names the file, and says where the release departs from the
+paper). They are batch-level: each returns one scalar, and the relational
+ones (SP, RKD, PKT, CC, DIST's intra-class term) compare the examples of a
+batch with each other, so they have no per-example core. None of them is
+wired into :func:`distillation_loss` or the trainer. Feature maps are NHWC;
+the value equals the release's on the same data in its NCHW layout.
+
+Logits (:mod:`distill_jax.losses.logits`):
+
+* :func:`dkd_loss`: decoupled KD (Zhao et al., 2022), ``alpha * TCKD + beta *
+  NCKD``, as mdistiller computes it (without its trainer's warm-up factor).
+* :func:`dist_loss`: DIST (Huang et al., 2022), inter- and intra-class
+  Pearson-correlation relations, both times ``T**2``.
+
+Feature maps (sequences of ``(N, H, W, C)``, :mod:`distill_jax.losses.features`):
+
+* :func:`sp_loss`: similarity preserving (Tung & Mori, 2019), row-normalised
+  batch Gram matrices.
+* :func:`nst_loss`: neuron selectivity transfer (Huang & Wang, 2017), MMD^2
+  with the squared polynomial kernel.
+* :func:`fsp_loss`: flow of solution procedure (Yim et al., 2017), FSP
+  matrices of consecutive maps.
+* :func:`fitnet_loss`: FitNet hint MSE (Romero et al., 2015) of an already
+  regressed student map.
+
+Embeddings (``(N, D)``, :mod:`distill_jax.losses.embeddings`):
+
+* :func:`rkd_loss`: relational KD (Park et al., 2019), distance and angle
+  terms.
+* :func:`pkt_loss`: probabilistic knowledge transfer (Passalis & Tefas, 2018).
+* :func:`cc_loss`: correlation congruence as RepDistiller's release computes
+  it (which differs from the paper of Peng et al., 2019).
+
 Teachers never receive gradients: every teacher input goes through
 ``jax.lax.stop_gradient``. Only shapes (and static string choices) are checked
 here; ranges of hyper-parameters (``temperature > 0``, ``alpha`` in
@@ -55,6 +90,41 @@ References:
   <https://arxiv.org/abs/1612.03928>`_, ICLR 2017; released code:
   https://github.com/szagoruyko/attention-transfer.
 
+  Zhao, Cui, Song, Qiu & Liang, `Decoupled knowledge distillation
+  <https://arxiv.org/abs/2203.08679>`_, CVPR 2022; released code:
+  https://github.com/megvii-research/mdistiller
+  (``mdistiller/distillers/DKD.py``).
+
+  Huang, You, Wang, Qian & Xu, `Knowledge distillation from a stronger
+  teacher <https://arxiv.org/abs/2205.10536>`_, NeurIPS 2022; released code:
+  https://github.com/hunto/image_classification_sota
+  (``lib/models/losses/dist_kd.py``).
+
+  Tung & Mori, `Similarity-preserving knowledge distillation
+  <https://arxiv.org/abs/1907.09682>`_, ICCV 2019.
+
+  Huang & Wang, `Like what you like: knowledge distill via neuron selectivity
+  transfer <https://arxiv.org/abs/1707.01219>`_, 2017.
+
+  Yim, Joo, Bae & Kim, A gift from knowledge distillation: fast optimization,
+  network minimization and transfer learning, CVPR 2017.
+
+  Romero et al., `FitNets: hints for thin deep nets
+  <https://arxiv.org/abs/1412.6550>`_, ICLR 2015.
+
+  Park, Kim, Lu & Cho, `Relational knowledge distillation
+  <https://arxiv.org/abs/1904.05068>`_, CVPR 2019.
+
+  Passalis & Tefas, `Learning deep representations with probabilistic
+  knowledge transfer <https://arxiv.org/abs/1803.10837>`_, ECCV 2018.
+
+  Peng et al., `Correlation congruence for knowledge distillation
+  <https://arxiv.org/abs/1904.01802>`_, ICCV 2019.
+
+  The releases of the last seven are the files ``SP.py``, ``NST.py``,
+  ``FSP.py``, ``FitNet.py``, ``RKD.py``, ``PKT.py`` and ``CC.py`` of
+  RepDistiller's ``distiller_zoo/`` (https://github.com/HobbitLong/RepDistiller).
+
 Layout (everything public is re-exported here, so import from
 ``distill_jax.losses``):
 
@@ -65,6 +135,11 @@ Layout (everything public is re-exported here, so import from
   their per-example cores and :data:`AT_FORMS`.
 * :mod:`distill_jax.losses.distillation`: :func:`distillation_loss`, its
   per-example core and :data:`METHODS`.
+* :mod:`distill_jax.losses.logits`: :func:`dkd_loss`, :func:`dist_loss`.
+* :mod:`distill_jax.losses.features`: :func:`sp_loss`, :func:`nst_loss`,
+  :func:`fsp_loss`, :func:`fitnet_loss`.
+* :mod:`distill_jax.losses.embeddings`: :func:`rkd_loss`, :func:`pkt_loss`,
+  :func:`cc_loss`.
 * ``distill_jax.losses._checks``: private shape, dtype and container checks.
 """
 
@@ -84,6 +159,15 @@ from distill_jax.losses.classification import soft_kl_per_example
 from distill_jax.losses.distillation import METHODS
 from distill_jax.losses.distillation import distillation_loss
 from distill_jax.losses.distillation import distillation_loss_per_example
+from distill_jax.losses.embeddings import cc_loss
+from distill_jax.losses.embeddings import pkt_loss
+from distill_jax.losses.embeddings import rkd_loss
+from distill_jax.losses.features import fitnet_loss
+from distill_jax.losses.features import fsp_loss
+from distill_jax.losses.features import nst_loss
+from distill_jax.losses.features import sp_loss
+from distill_jax.losses.logits import dist_loss
+from distill_jax.losses.logits import dkd_loss
 
 __all__ = (
     'AT_FORMS',
@@ -94,12 +178,21 @@ __all__ = (
     'at_loss',
     'at_loss_per_example',
     'attention_map',
+    'cc_loss',
     'cross_entropy',
     'cross_entropy_per_example',
+    'dist_loss',
     'distillation_loss',
     'distillation_loss_per_example',
+    'dkd_loss',
+    'fitnet_loss',
+    'fsp_loss',
     'kd_loss',
     'kd_loss_per_example',
+    'nst_loss',
+    'pkt_loss',
+    'rkd_loss',
     'soft_kl',
     'soft_kl_per_example',
+    'sp_loss',
 )
