@@ -13,32 +13,43 @@ Expected: about 5.85% top-1 test error (Zagoruyko & Komodakis 2016 report 5.85% 
 6.31% without a teacher, teacher 5.23%). Without ``teacher_workdir`` the teacher is
 first trained in WORKDIR/teacher with the same recipe (doubling the time).
 
-Methods (``--config.distill.method``): none | kd (α=0.9, T=4) | at | kd_at | hard.
+Methods (``--config.distill.method``): none | kd (α=0.9, T=4) | at | kd_at | hard, and
+sp | nst | rkd | pkt | dkd | dist alone or with KD (kd_sp, ...), each with its published
+weight unless ``distill.beta`` is given (distill_jax/trainers/methods.py).
 
-Variants: ``:kd``, ``:kd_at``, ``:hard`` pick the method; ``:demo`` runs teacher and
-student (small WRNs) on the embedded digits data in about two minutes on 2 CPU cores:
+Variants: each method's name picks it (``:kd``, ``:kd_at``, ``:sp``, ``:kd_rkd``...;
+``:dkd`` also sets DKD's 20-epoch warm-up); ``:demo`` runs teacher and student (small
+WRNs) on the embedded digits data in about two minutes on 2 CPU cores (β = 50 for AT's
+8x8 maps, DKD's warm-up 1 epoch):
 
   python -m distill_jax.main --config=configs/distill.py:demo --workdir=/tmp/distill_demo
 """
 
 from distill_jax import config_lib
+from distill_jax.trainers import methods
 
-METHOD_VARIANTS = ('kd', 'at', 'kd_at', 'hard', 'none')
+METHOD_VARIANTS = methods.NAMES
 
 
 def get_config(arg: str = ''):
   variants = config_lib.parse_variants(arg, ('demo', *METHOD_VARIANTS), 'configs/distill.py')
-  methods = [v for v in variants if v in METHOD_VARIANTS]
+  chosen = [v for v in variants if v in METHOD_VARIANTS]
   c = config_lib.train_config()
   c.model = config_lib.network('wrn_16_2')
-  config_lib.distill_fields(c, teacher='wrn_40_2', method=methods[0] if methods else 'at')
+  method = chosen[0] if chosen else 'at'
+  config_lib.distill_fields(c, teacher='wrn_40_2', method=method)
+  if method in ('dkd', 'kd_dkd'):
+    c.distill.warmup_epochs = 20.0  # mdistiller CFG.DKD.WARMUP
   if 'demo' in variants:
     c = config_lib.demo(c)
     c.num_epochs = 8
     c.model = config_lib.network('wrn_16_2', demo=True)
     c.distill.teacher_model = config_lib.network('wrn_40_2', demo=True)
-    # Each layer's AT term scales like 1/(H·W): 8x8 digits have 16x fewer positions
-    # than 32x32 CIFAR, and β = 1000 would drown the cross-entropy there.
-    c.distill.beta = 50.0
+    if method in ('at', 'kd_at'):
+      # Each layer's AT term scales like 1/(H·W): 8x8 digits have 16x fewer positions
+      # than 32x32 CIFAR, and β = 1000 would drown the cross-entropy there.
+      c.distill.beta = 50.0
+    if method in ('dkd', 'kd_dkd'):
+      c.distill.warmup_epochs = 1.0
   c.lock()
   return c

@@ -116,11 +116,16 @@ def distill_section(method: str = 'at') -> ml_collections.ConfigDict:
   Komodakis 2016, β at the three stage outputs); defaults from
   :func:`distill_jax.losses.distillation_loss`."""
   d = ml_collections.ConfigDict()
-  d.method = method                 # none | kd | at | kd_at | hard
+  # none | kd | at | kd_at | hard, or sp | nst | rkd | pkt | dkd | dist, alone or kd_sp ...
+  # (distill_jax.trainers.methods)
+  d.method = method
   d.alpha = _default(losses.distillation_loss, 'alpha')              # KD weight of the soft term
-  d.temperature = _default(losses.distillation_loss, 'temperature')  # KD temperature T
-  d.beta = _default(losses.distillation_loss, 'beta')                # attention-transfer weight
+  d.temperature = _default(losses.distillation_loss, 'temperature')  # KD (and DKD) temperature T
+  # The method's weight; None: its published one (AT 1000, SP 3000, NST 50, RKD 1, PKT 3e4,
+  # DKD 1, DIST 1: methods.DEFAULT_BETA).
+  d.beta = ml_collections.config_dict.placeholder(float)
   d.at_form = _default(losses.distillation_loss, 'at_form')  # released (squared, mean) | l2 (Eq. 2)
+  d.warmup_epochs = 0.0  # DKD only: its term ramps up linearly over these epochs (release: 20)
   return d
 
 

@@ -18,6 +18,7 @@ from distill_jax import config_lib
 from distill_jax import data as data_lib
 from distill_jax import losses
 from distill_jax import models
+from distill_jax.trainers import methods as methods_lib
 
 # Seeds are non-negative integers below this (every PRNG here takes them).
 MAX_SEED = 2**31
@@ -251,11 +252,17 @@ def validate_train_config(config: ml_collections.ConfigDict) -> None:
 def validate_distill_config(config: ml_collections.ConfigDict) -> None:
   """The training checks plus the ``distill`` section's: method, weights, teacher model."""
   validate_train_config(config)
-  check_choice(config, 'distill.method', losses.METHODS)
+  check_choice(config, 'distill.method', methods_lib.NAMES)
   check_choice(config, 'distill.at_form', losses.AT_FORMS)
   check_positive(config, 'distill.temperature')
   check_range(config, 'distill.alpha', 0, 1, closed='[]')
-  check_non_negative(config, 'distill.beta')
+  if config.distill.beta is not None:
+    check_non_negative(config, 'distill.beta')
+  check_non_negative(config, 'distill.warmup_epochs')
+  _check(not config.distill.warmup_epochs or config.distill.method in ('dkd', 'kd_dkd'),
+         'distill.warmup_epochs', config.distill.warmup_epochs,
+         f'only DKD warms up (method dkd or kd_dkd); distill.method={config.distill.method!r}: '
+         'use 0')
   teacher_workdir = config.distill.get('teacher_workdir', '')
   _check(isinstance(teacher_workdir, str), 'distill.teacher_workdir', teacher_workdir,
          'must be a directory path or empty')
@@ -266,31 +273,43 @@ def validate_distill_config(config: ml_collections.ConfigDict) -> None:
     _check(config.distill.teacher_model.get('num_classes') == classes,
            'distill.teacher_model.num_classes', config.distill.teacher_model.get('num_classes'),
            f'must equal model.num_classes={classes}')
-  if config.distill.method in ('at', 'kd_at'):
+  if config.distill.method != 'none' and methods_lib.reads(config.distill.method) != 'logits':
     check_points_pair(config)
 
 
-def _point_sizes(model_config: ml_collections.ConfigDict, image_shape: tuple[int, ...]
-                 ) -> list[str]:
-  """``'HxW'`` of each attention point of the network, from shapes alone (no compute)."""
+def _outputs(model_config: ml_collections.ConfigDict, image_shape: tuple[int, ...]
+             ) -> tuple[list[str], Any]:
+  """``'HxW'`` of each attention point of the network and its sown embedding (None if it
+  sows none), from shapes alone (no compute)."""
   model = models.create_model(**dict(model_config))
-  (_, points), _ = jax.eval_shape(lambda: model.init_with_output(
-      jax.random.key(0), jax.numpy.zeros((1, *image_shape)), train=False))
-  return [f'{p.shape[1]}x{p.shape[2]}' for p in points]
+  (_, points), variables = jax.eval_shape(lambda: model.init_with_output(
+      jax.random.key(0), jax.numpy.zeros((1, *image_shape)), train=False, mutable=True))
+  embedding = variables.get('intermediates', {}).get('embedding')
+  return [f'{p.shape[1]}x{p.shape[2]}' for p in points], embedding
 
 
 def check_points_pair(config: ml_collections.ConfigDict) -> None:
-  """Attention transfer pairs point i of the student with point i of the teacher (sizes
-  may differ: the larger map is shrunk): both networks have as many points, at least one,
-  on ``config.data``'s images."""
+  """What the method compares exists in both networks, on ``config.data``'s images:
+  attention transfer and NST pair point i of the student with point i of the teacher
+  (sizes may differ: the larger map is shrunk), so both have as many points, at least
+  one; SP needs a last point in each; RKD and PKT an embedding sown by each."""
+  method = config.distill.method
   image_shape = dataset_info(config)[1]
-  student = _point_sizes(config.model, image_shape)
-  teacher = _point_sizes(config.distill.teacher_model, image_shape)
-  _check(student and len(student) == len(teacher), 'distill.method', config.distill.method,
-         f'attention transfer pairs point i of the student with point i of the teacher, but '
-         f'model ({config.model.name}) has {_listed(student)} and distill.teacher_model '
-         f'({config.distill.teacher_model.name}) has {_listed(teacher)}; use kd, or networks '
-         'with as many points')
+  student, student_embedding = _outputs(config.model, image_shape)
+  teacher, teacher_embedding = _outputs(config.distill.teacher_model, image_shape)
+  needs = methods_lib.reads(method)
+  names = f'model ({config.model.name})', f'distill.teacher_model ({config.distill.teacher_model.name})'
+  if needs == 'embedding':
+    for name, embedding in zip(names, (student_embedding, teacher_embedding)):
+      _check(embedding is not None, 'distill.method', method,
+             f'{method} compares the pooled embeddings, but {name} sows none; sow it with '
+             "self.sow('intermediates', 'embedding', x) before the classifier, x of shape (N, D)")
+    return
+  _check(student and (needs == 'last_point' or len(student) == len(teacher)) and teacher,
+         'distill.method', method,
+         f'{method} pairs point i of the student with point i of the teacher, but '
+         f'{names[0]} has {_listed(student)} and {names[1]} has {_listed(teacher)}; use kd, '
+         'or networks with as many points')
 
 
 def _listed(sizes: list[str]) -> str:

@@ -263,6 +263,17 @@ def test_attention_transfer_between_unpaired_points_is_one_line(method, tmp_path
            'use kd')
 
 
+def test_embedding_methods_need_a_sown_embedding(tmp_path):
+  config = distill_config(model_config('plain_cnn'), model_config('wrn', depth=10, widen_factor=1),
+                          str(tmp_path / 'never_read'), method='kd_rkd')
+  with pytest.raises(validation.ConfigError) as e:
+    validation.validate_distill_config(config)
+  one_line(e, "config.distill.method='kd_rkd' is invalid", 'model (plain_cnn) sows none',
+           "self.sow('intermediates', 'embedding', x)")
+  config.distill.method = 'sp'  # SP compares the last points only: one each is enough
+  validation.validate_distill_config(config)
+
+
 # ---------------------------------------------------------------------------
 # Your own data.
 

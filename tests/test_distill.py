@@ -1,6 +1,7 @@
 """Distillation training: a frozen teacher in the step, teacher loading, the distill job."""
 
 import functools
+import json
 import os
 
 import jax
@@ -18,6 +19,7 @@ from distill_jax import losses
 from distill_jax import models
 from distill_jax import validation
 from distill_jax.trainers import checkpoint as ckpt_lib
+from distill_jax.trainers import methods as methods_lib
 from distill_jax.trainers import steps as steps_lib
 from distill_jax.trainers import teacher as teacher_lib
 from distill_jax.trainers import train as train_lib
@@ -26,7 +28,8 @@ SHAPE = (1, 8, 8, 1)
 
 
 def tiny_distill_config(method='kd_at', **distill):
-  c = load_config('distill', 'demo')
+  # The demo's weights for this method (a name that is none is left for validation).
+  c = load_config('distill', f'demo,{method}' if method in methods_lib.NAMES else 'demo')
   c.model = models_config('wrn', depth=10, widen_factor=1)
   c.distill.teacher_model = models_config('wrn', depth=10, widen_factor=2)
   c.distill.method = method
@@ -142,7 +145,9 @@ def test_teacher_from_one_checkpoint_folder(teacher_dir):
     ('temperature', 0.0, 'config.distill.temperature=0.0 is invalid: must be > 0'),
     ('alpha', 1.5, 'config.distill.alpha=1.5 is invalid: must be in [0, 1]'),
     ('beta', -1.0, 'config.distill.beta=-1.0 is invalid: must be >= 0'),
-    ('method', 'fitnet', "config.distill.method='fitnet' is invalid: allowed: none, kd, at, kd_at, hard"),
+    ('method', 'fitnet', "config.distill.method='fitnet' is invalid: allowed: none, kd, at, kd_at, "
+                         'hard, sp, nst, rkd, pkt, dkd, dist, kd_sp, kd_nst'),
+    ('warmup_epochs', 2.0, "config.distill.warmup_epochs=2.0 is invalid: only DKD warms up"),
     ('at_form', 'cosine', 'allowed: released, l2'),
 ])
 def test_bad_distill_values(field, value, message):
@@ -157,3 +162,68 @@ def test_bad_teacher_model_name():
   config.distill.teacher_model.name = 'vgg'
   with pytest.raises(validation.ConfigError, match="distill.teacher_model.name='vgg'"):
     validation.validate_distill_config(config)
+
+
+# ---------------------------------------------------------------------------------------
+# The field's other methods by name (distill_jax.trainers.methods).
+
+
+def _distill_section(method, **fields):
+  return ml_collections.ConfigDict({'method': method, 'alpha': 0.9, 'temperature': 4.0,
+                                    'beta': None, 'at_form': 'released', 'warmup_epochs': 0.0,
+                                    **fields})
+
+
+@pytest.mark.parametrize('method, published', [('sp', 3000.0), ('kd_nst', 50.0), ('rkd', 1.0),
+                                               ('kd_pkt', 3e4), ('dkd', 1.0), ('dist', 1.0)])
+def test_zoo_objective_is_ce_kd_and_the_weighted_method(method, published):
+  rng = np.random.default_rng(0)
+  logits, teacher_logits = rng.normal(size=(6, 10)), rng.normal(size=(6, 10))
+  labels = np.arange(6) % 10
+  points = [rng.normal(size=(6, 4, 4, 3)), rng.normal(size=(6, 2, 2, 5))]
+  teacher_points = [rng.normal(size=(6, 4, 4, 7)), rng.normal(size=(6, 2, 2, 5))]
+  embeddings = (rng.normal(size=(6, 5)), rng.normal(size=(6, 9)))
+  loss, terms = steps_lib.make_loss(_distill_section(method))(
+      logits, labels, points, teacher_logits, teacher_points, embeddings=embeddings, step=0)
+  base = method.removeprefix('kd_')
+  own = {'sp': lambda: losses.sp_loss(points[-1:], teacher_points[-1:]),
+         'nst': lambda: losses.nst_loss(points, teacher_points),
+         'rkd': lambda: losses.rkd_loss(*embeddings), 'pkt': lambda: losses.pkt_loss(*embeddings),
+         'dkd': lambda: losses.dkd_loss(logits, teacher_logits, labels, temperature=4.0),
+         'dist': lambda: losses.dist_loss(logits, teacher_logits)}[base]()
+  first = (losses.kd_loss(logits, teacher_logits, labels, alpha=0.9, temperature=4.0)
+           if method.startswith('kd_') else losses.cross_entropy(logits, labels))
+  np.testing.assert_allclose(terms[base], published * own, rtol=1e-6)
+  np.testing.assert_allclose(loss, first + published * own, rtol=1e-6)
+  # A given beta replaces the published weight.
+  _, terms = steps_lib.make_loss(_distill_section(method, beta=2.0))(
+      logits, labels, points, teacher_logits, teacher_points, embeddings=embeddings)
+  np.testing.assert_allclose(terms[base], 2.0 * own, rtol=1e-6)
+
+
+def test_dkd_warms_up_linearly_over_its_epochs():
+  rng = np.random.default_rng(1)
+  logits, teacher_logits, labels = rng.normal(size=(4, 5)), rng.normal(size=(4, 5)), np.arange(4)
+  loss = steps_lib.make_loss(_distill_section('dkd', warmup_epochs=2.0), steps_per_epoch=10)
+  full = losses.dkd_loss(logits, teacher_logits, labels)
+  for step, ramp in ((0, 0.0), (5, 0.25), (20, 1.0), (35, 1.0)):
+    _, terms = loss(logits, labels, None, teacher_logits, None, step=step)
+    np.testing.assert_allclose(terms['dkd'], ramp * full, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize('method', ['kd_sp', 'rkd'])
+def test_zoo_methods_train_by_name(teacher_dir, tmp_path, method):
+  """A point method with KD and an embedding method: their terms are logged, finite and
+  positive, beta is the published one, and the student learns."""
+  c = tiny_distill_config(method, teacher_workdir=teacher_dir)
+  c.num_epochs = 1
+  c.log_every_steps = 10
+  results = jobs.run(c, str(tmp_path))
+  rows = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
+  term = method.removeprefix('kd_')
+  train = [r for r in rows if f'train_{term}' in r]
+  assert train and all(np.isfinite(r[f'train_{term}']) and r[f'train_{term}'] > 0 for r in train)
+  assert ('train_kd' in train[0]) == method.startswith('kd_')
+  assert results['config']['distill']['beta'] is None  # the published weight was used
+  assert results['test_top1_error'] < 0.9

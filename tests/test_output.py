@@ -68,10 +68,12 @@ def test_summary_lines():
 
 @pytest.mark.parametrize('method, terms', [
     (None, ['ce']), ('none', ['ce']), ('hard', ['ce']), ('kd', ['ce', 'kd']), ('at', ['at', 'ce']),
-    ('kd_at', ['at', 'ce', 'kd'])])
+    ('kd_at', ['at', 'ce', 'kd']), ('sp', ['ce', 'sp']), ('kd_nst', ['ce', 'kd', 'nst']),
+    ('dkd', ['ce', 'dkd'])])
 def test_only_the_terms_a_method_uses_are_logged(method, terms):
   distill = None if method is None else ml_collections.ConfigDict(
-      {'method': method, 'alpha': 0.9, 'temperature': 4.0, 'beta': 1e3, 'at_form': 'released'})
+      {'method': method, 'alpha': 0.9, 'temperature': 4.0, 'beta': 1e3, 'at_form': 'released',
+       'warmup_epochs': 0.0})
   logits, labels = jnp.asarray(np.eye(4, 10) * 3.0), jnp.arange(4)
   points = [jnp.ones((4, 2, 2, 3))]
   loss, found = steps_lib.make_loss(distill)(logits, labels, points, logits + 1.0, points)

@@ -50,6 +50,7 @@ from distill_jax.experiments import runs
 from distill_jax.options import JobOptions
 from distill_jax.trainers import checkpoint as ckpt_lib
 from distill_jax.trainers import loop
+from distill_jax.trainers import methods as methods_lib
 from distill_jax.trainers import teacher as teacher_lib
 from distill_jax.trainers import train as train_lib
 from distill_jax.trainers import workdir as workdir_lib
@@ -87,7 +88,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise validation.ConfigError(
         f'config.run.model.name={config.run.model.name!r} is invalid: the pipeline grows a '
         'DARTS student')
-  validation.check_choice(config, 'run.distill.method', losses.METHODS)
+  validation.check_choice(config, 'run.distill.method', methods_lib.NAMES)
   validation.check_choice(config, 'growth.teacher_init', TEACHER_INITS)
   validation.check_choice(config, 'growth.operator', ('widen', 'denser'))
   validation.check_positive(config, 'growth.target_param_ratio')

@@ -25,10 +25,10 @@ import jax
 import ml_collections
 
 from distill_jax import data as data_lib
-from distill_jax import losses
 from distill_jax import validation
 from distill_jax.experiments import runs
 from distill_jax.options import JobOptions
+from distill_jax.trainers import methods as methods_lib
 from distill_jax.trainers import train
 from distill_jax.trainers import workdir as workdir_lib
 
@@ -89,7 +89,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if len(set(config[field])) != len(config[field]):
       validation.fail(field, tuple(config[field]), 'each network at most once')
   validation.check_seeds(config)
-  validation.check_choice(config, 'run.distill.method', losses.METHODS)
+  validation.check_choice(config, 'run.distill.method', methods_lib.NAMES)
   validation.check_range(config, 'darts_drop_path_prob', 0, 1)
   runs.validate_runs(tasks(config, '/'))
 

@@ -22,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from distill_jax import data as data_lib
 from distill_jax import losses
+from distill_jax.trainers import methods as methods_lib
 from distill_jax.models import names
 
 
@@ -54,15 +55,23 @@ def make_normalize(mean: Sequence[float], std: Sequence[float]
   return functools.partial(data_lib.normalize, mean=tuple(mean), std=tuple(std))
 
 
-def make_loss(distill: ml_collections.ConfigDict | None) -> Callable[..., tuple[jax.Array, dict]]:
-  """``loss(logits, labels, points, teacher_logits, teacher_points) -> (loss, terms)``:
-  :func:`distill_jax.losses.distillation_loss` with ``config.distill``'s method and weights
-  bound (cross-entropy alone without a ``distill`` section)."""
+def make_loss(distill: ml_collections.ConfigDict | None, steps_per_epoch: int = 1
+              ) -> Callable[..., tuple[jax.Array, dict]]:
+  """``loss(logits, labels, points, teacher_logits, teacher_points, *, embeddings=None,
+  step=0) -> (loss, terms)``: :func:`distill_jax.losses.distillation_loss` with
+  ``config.distill``'s method and weights bound, or a method of
+  :data:`distill_jax.trainers.methods.ZOO` (cross-entropy alone without a ``distill``
+  section). ``embeddings``: the student's and teacher's ``intermediates/embedding``, for
+  the methods that read them; ``step``: the training step (DKD's warm-up)."""
   if distill is None:
     return _only_used_terms(functools.partial(losses.distillation_loss, method='none'), 'none')
+  if methods_lib.zoo_method(distill.method):
+    return methods_lib.make_zoo_loss(distill, steps_per_epoch)
+  if distill.warmup_epochs:  # validation says so in one line first
+    raise ValueError(f'distill.warmup_epochs: only DKD warms up, not {distill.method!r}')
   return _only_used_terms(functools.partial(
       losses.distillation_loss, method=distill.method, alpha=distill.alpha,
-      temperature=distill.temperature, beta=distill.beta, at_form=distill.at_form),
+      temperature=distill.temperature, beta=methods_lib.beta(distill), at_form=distill.at_form),
                           distill.method)
 
 
@@ -73,7 +82,8 @@ _METHOD_TERMS = {'kd': ('kd',), 'at': ('at',), 'kd_at': ('kd', 'at')}
 def _only_used_terms(loss_fn: Callable, method: str) -> Callable:
   keep = ('ce', *_METHOD_TERMS.get(method, ()))
 
-  def loss(*args):
+  def loss(*args, embeddings=None, step=0):
+    del embeddings, step  # these methods read logits and attention points only
     total, terms = loss_fn(*args)
     return total, {k: v for k, v in terms.items() if k in keep}
   return loss
@@ -99,32 +109,42 @@ def train_step(state: TrainState, batch: dict, teacher: dict | None, *, model: n
                tx: optax.GradientTransformation, schedule: optax.Schedule,
                augment: Callable[[jax.Array, jax.Array], jax.Array], loss_fn: Callable,
                drop_path: optax.Schedule | None = None, aux_weight: float = 0.0,
-               teacher_model: nn.Module | None = None) -> tuple[TrainState, dict]:
+               teacher_model: nn.Module | None = None, embeddings: bool = False
+               ) -> tuple[TrainState, dict]:
   """One SGD step on a global batch; returns the new state and scalar metrics.
 
   ``augment`` (:func:`make_augment`) turns the raw batch into training inputs; ``loss_fn``
   (:func:`make_loss`) scores the student against the labels and the teacher;
   ``drop_path`` (:func:`distill_jax.trainers.optim.make_drop_path_schedule`) gives a DARTS
-  network's drop-path probability per step; ``aux_weight`` weighs the auxiliary head.
+  network's drop-path probability per step; ``aux_weight`` weighs the auxiliary head;
+  ``embeddings``: pass both networks' sown embeddings to ``loss_fn`` (RKD, PKT).
   """
   step_rng = jax.random.fold_in(state.rng, state.step)
   aug_rng, dropout_rng = jax.random.split(step_rng)
   images = augment(batch['image'], aug_rng)
   labels = batch['label']
 
-  teacher_logits = teacher_points = None
-  if teacher_model is not None:
+  teacher_logits = teacher_points = teacher_embedding = None
+  if teacher_model is not None and embeddings:
+    (teacher_logits, teacher_points), sown = teacher_model.apply(
+        teacher, images, train=False, mutable=[names.INTERMEDIATES])
+    (teacher_embedding,) = sown[names.INTERMEDIATES][names.EMBEDDING]
+  elif teacher_model is not None:
     teacher_logits, teacher_points = teacher_model.apply(teacher, images, train=False)
-    teacher_logits, teacher_points = jax.lax.stop_gradient((teacher_logits, teacher_points))
+  teacher_logits, teacher_points, teacher_embedding = jax.lax.stop_gradient(
+      (teacher_logits, teacher_points, teacher_embedding))
 
-  mutable = ['batch_stats', names.INTERMEDIATES] if aux_weight else ['batch_stats']
+  mutable = ['batch_stats', names.INTERMEDIATES] if aux_weight or embeddings else ['batch_stats']
   kwargs = {} if drop_path is None else {'drop_path_prob': drop_path(state.step)}
 
   def objective(params):
     (logits, points), new_vars = model.apply(
         {'params': params, 'batch_stats': state.batch_stats}, images, train=True,
         rngs={'dropout': dropout_rng}, mutable=mutable, **kwargs)
-    loss, terms = loss_fn(logits, labels, points, teacher_logits, teacher_points)
+    pair = ((new_vars[names.INTERMEDIATES][names.EMBEDDING][0], teacher_embedding)
+            if embeddings else None)
+    loss, terms = loss_fn(logits, labels, points, teacher_logits, teacher_points,
+                          embeddings=pair, step=state.step)
     if aux_weight:
       (aux_logits,) = new_vars[names.INTERMEDIATES][names.AUX_LOGITS]
       terms['aux'] = losses.cross_entropy(aux_logits, labels)
@@ -179,15 +199,15 @@ def eval_step(state: TrainState, batch: dict, teacher: dict | None, *, model: nn
 def compile_steps(*, mesh: Mesh, model: nn.Module, tx: optax.GradientTransformation,
                   schedule: optax.Schedule, augment: Callable, normalize: Callable,
                   loss_fn: Callable, drop_path: optax.Schedule | None = None,
-                  aux_weight: float = 0.0, teacher_model: nn.Module | None = None
-                  ) -> tuple[Callable, Callable]:
+                  aux_weight: float = 0.0, teacher_model: nn.Module | None = None,
+                  embeddings: bool = False) -> tuple[Callable, Callable]:
   """``train_step`` and ``eval_step`` jitted over ``mesh``: state replicated, batch on
   ``'data'``, the state donated."""
   replicated = NamedSharding(mesh, P())
   train = jax.jit(
       functools.partial(train_step, model=model, tx=tx, schedule=schedule, augment=augment,
                         loss_fn=loss_fn, drop_path=drop_path, aux_weight=aux_weight,
-                        teacher_model=teacher_model),
+                        teacher_model=teacher_model, embeddings=embeddings),
       out_shardings=(replicated, replicated), donate_argnums=(0,))
   evaluate = jax.jit(functools.partial(eval_step, model=model, normalize=normalize,
                                        teacher_model=teacher_model),

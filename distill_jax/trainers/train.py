@@ -29,6 +29,7 @@ from distill_jax import validation
 from distill_jax.options import JobOptions
 from distill_jax.trainers import checkpoint as ckpt_lib
 from distill_jax.trainers import loop
+from distill_jax.trainers import methods as methods_lib
 from distill_jax.trainers import optim
 from distill_jax.trainers import steps as steps_lib
 from distill_jax.trainers import teacher as teacher_lib
@@ -94,11 +95,12 @@ def build_run(config: ml_collections.ConfigDict, *, teacher: Teacher | None = No
       mesh=mesh, model=model, tx=tx, schedule=schedule,
       augment=steps_lib.make_augment(config.data, dataset.mean, dataset.std),
       normalize=steps_lib.make_normalize(dataset.mean, dataset.std),
-      loss_fn=steps_lib.make_loss(config.get('distill') if teacher else None),
+      loss_fn=steps_lib.make_loss(config.get('distill') if teacher else None, steps_per_epoch),
       drop_path=optim.make_drop_path_schedule(config.drop_path_prob,
                                               steps_per_epoch=steps_per_epoch,
                                               num_epochs=config.num_epochs),
-      aux_weight=config.aux_weight, teacher_model=teacher.model if teacher else None)
+      aux_weight=config.aux_weight, teacher_model=teacher.model if teacher else None,
+      embeddings=bool(teacher) and methods_lib.reads(config.distill.method) == 'embedding')
   return Run(config=config, mesh=mesh, data=data_lib.DeviceData.create(dataset, mesh),
              model=model, state=state, train_step=train_step, eval_step=eval_step,
              teacher_variables=data_lib.replicate(teacher.variables, mesh) if teacher else None,
