@@ -222,10 +222,11 @@ def test_perturbations(key, names, rng):
   grads = jax.grad(lambda p: jnp.sum(jax.nn.log_softmax(apply(p)[0])[:, 0]))(perturbations)
   assert all(np.any(grads[n]) and grads[n].shape == perturbations[n].shape for n in names)
 
-  # The same names are sown into 'intermediates' with the activations' values.
+  # The same names are sown into 'intermediates' with the activations' values, beside the
+  # pooled embedding (test_embedding_is_what_the_classifier_reads).
   _, state = model.apply(variables, x, train=False, mutable=['intermediates'])
   sown = state['intermediates']
-  assert sorted(sown) == sorted(names)
+  assert sorted(sown) == sorted([*names, 'embedding'])
   np.testing.assert_array_equal(sown[last][0], points[2])
 
 
