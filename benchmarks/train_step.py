@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from distill_jax import config_lib
 from distill_jax import data as data_lib
 from distill_jax import models
 from distill_jax.trainers import steps as steps_lib
@@ -92,8 +93,7 @@ def make_runner(pair: str, mode: str, batch_size: int, *, compute_dtype: str = '
                   if teacher else None)
   aug = ml_collections.ConfigDict(
       {'crop_padding': 4, 'flip': True, 'cutout': 0, 'pad_mode': 'constant'})
-  distill = ml_collections.ConfigDict(
-      {'method': 'kd_at', 'alpha': 0.9, 'temperature': 4.0, 'beta': 1e3, 'at_form': 'released'})
+  distill = config_lib.distill_section('kd_at')  # the trainer's defaults: α 0.9, T 4, β 1000
   train_step, _ = steps_lib.compile_steps(
       mesh=mesh, model=student, tx=tx, schedule=optax.constant_schedule(0.1),
       augment=steps_lib.make_augment(aug, data_lib.CIFAR_MEAN, data_lib.CIFAR_STD),
