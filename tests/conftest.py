@@ -22,8 +22,22 @@ jobs.use_compilation_cache(CACHE_DIR, min_compile_time_secs=0.5)
 # Every JAX process a test starts is bounded from its first compile, the benchmarks too (an
 # unbounded writer leaves entries without the access time the bounded ones then fail on).
 os.environ['JAX_COMPILATION_CACHE_MAX_SIZE'] = str(jobs.CACHE_MAX_BYTES)
-# Tiny test models are compile-bound: trade step speed for shorter compiles.
-jax.config.update('jax_disable_most_optimizations', True)
+
+
+# Most test models are compile-bound: XLA's optimisation passes are off (compiles are
+# shorter). Tests that run tens of steps are execution-bound (unoptimised CPU code runs a
+# WRN step ~15 times slower) and are marked `optimized`: see pytest_runtest_setup.
+# Subprocesses inherit the setting through the environment.
+def _optimize(on: bool) -> None:
+  if jax.config.read('jax_disable_most_optimizations') == on:
+    # JAX's in-memory caches do not key on the flag: without this, a computation compiled
+    # for an earlier test under the other setting would be reused.
+    jax.clear_caches()
+  os.environ['JAX_DISABLE_MOST_OPTIMIZATIONS'] = '0' if on else '1'
+  jax.config.update('jax_disable_most_optimizations', not on)
+
+
+_optimize(False)
 
 
 @pytest.fixture
@@ -112,3 +126,11 @@ def pytest_collection_modifyitems(items):
   once and the short ones fill in at the end, instead of one worker finishing alone."""
   heavy = {item.path for item in items if item.get_closest_marker('e2e')}
   items.sort(key=lambda item: item.path not in heavy)
+
+
+def pytest_runtest_setup(item):
+  """XLA's optimisations for tests marked ``optimized`` (set before their fixtures, so a
+  module's shared fixtures are built as its tests run); ``optimized(False)`` on a test
+  overrides its module's mark."""
+  mark = item.get_closest_marker('optimized')
+  _optimize(mark is not None and (not mark.args or bool(mark.args[0])))

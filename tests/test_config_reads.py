@@ -26,6 +26,7 @@ def shrink_run(run, **fields):
   return run
 
 
+@pytest.mark.optimized
 @pytest.mark.e2e
 def test_train_reads_every_field(tmp_path, unrecorded_validation):
   c = shrink_run(load_config('train', 'demo'), **{'model.depth': 10, 'model.widen_factor': 1})

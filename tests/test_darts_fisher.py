@@ -51,7 +51,7 @@ def results_mtimes(workdir):
 def test_pipeline_killed_resumed_finished_and_rerun_does_nothing(tmp_path, unrecorded_validation):
   workdir = str(tmp_path / 'pipeline')
   flags = [f'--config.{k}={v}' for k, v in OVERRIDES.items()]
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=CACHE_DIR, JAX_DISABLE_MOST_OPTIMIZATIONS='1',
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=CACHE_DIR,
              TF_CPP_MIN_LOG_LEVEL='3')
   proc = subprocess.Popen(
       [sys.executable, '-m', 'distill_jax.main', '--config=configs/darts_fisher.py:demo',

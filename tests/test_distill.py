@@ -24,6 +24,9 @@ from distill_jax.trainers import steps as steps_lib
 from distill_jax.trainers import teacher as teacher_lib
 from distill_jax.trainers import train as train_lib
 
+# Execution-bound: trains for tens of steps (conftest.py)
+pytestmark = pytest.mark.optimized
+
 SHAPE = (1, 8, 8, 1)
 
 

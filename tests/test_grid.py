@@ -16,6 +16,9 @@ from distill_jax.experiments import grid
 from distill_jax.experiments import runs as runs_lib
 from distill_jax.options import JobOptions
 
+# Execution-bound: trains for tens of steps (conftest.py)
+pytestmark = pytest.mark.optimized
+
 
 def grid_config(**overrides):
   c = load_config('teacher_student', 'demo')

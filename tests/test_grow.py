@@ -362,6 +362,7 @@ def test_function_preserving_grouped_and_denser():
   np.testing.assert_allclose(_logits(cfg_d, dense, x), reference, atol=1e-4, rtol=0)
 
 
+@pytest.mark.optimized
 def test_deterministic_for_a_seed(student):
   cfg, variables = student
 
@@ -391,6 +392,7 @@ def test_deterministic_for_a_seed(student):
 # ------------------------------------------------------------------ depth and denser
 
 
+@pytest.mark.optimized
 def test_depth_strategy(student):
   cfg, variables = student
   n0 = _n(variables)

@@ -54,12 +54,13 @@ def all_modules():
   return sorted(m.name for m in pkgutil.walk_packages(distill_jax.__path__, 'distill_jax.'))
 
 
+@pytest.mark.optimized
 @pytest.mark.e2e
 def test_core_imports_and_trains_without_tensorflow(tmp_path):
   workdir = str(tmp_path / 'run')
   script = (f'BLOCKED = {BLOCKED!r}\nMODULES = {all_modules()!r}\nWORKDIR = {workdir!r}\n'
             + SCRIPT)
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=CACHE_DIR, JAX_DISABLE_MOST_OPTIMIZATIONS='1',
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=CACHE_DIR,
              JAX_PLATFORMS='cpu')
   proc = subprocess.run([sys.executable, '-c', script], cwd=REPO, env=env, capture_output=True,
                         text=True, timeout=300)

@@ -16,6 +16,7 @@ from distill_jax.trainers import checkpoint as ckpt_lib
 from distill_jax.trainers import train as train_lib
 
 
+@pytest.mark.optimized
 def test_bfloat16_training_matches_float32(tmp_path):
   results = {}
   for dtype in ('float32', 'bfloat16'):

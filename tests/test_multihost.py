@@ -22,7 +22,7 @@ ARGS = ['--config=configs/train.py:demo', '--config.model.widen_factor=1',
 
 def _env(devices, **extra):
   env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-             JAX_COMPILATION_CACHE_DIR=CACHE_DIR, JAX_DISABLE_MOST_OPTIMIZATIONS='1',
+             JAX_COMPILATION_CACHE_DIR=CACHE_DIR,
              TF_CPP_MIN_LOG_LEVEL='3', JAX_PLATFORMS='cpu')
   env.update(extra)
   return env

@@ -29,6 +29,9 @@ from distill_jax.trainers import train as train_lib
 from distill_jax.trainers import workdir as workdir_lib
 from test_train import overrides, run_main, trained  # noqa: F401  (the finished run)
 
+# Execution-bound: most tests train for tens of steps (conftest.py)
+pytestmark = pytest.mark.optimized
+
 # Restoring damaged files leaves orbax read coroutines unfinished; pytest reports them.
 pytestmark = pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 
@@ -432,6 +435,7 @@ def test_an_experiment_refuses_another_run_recipe_but_takes_more_seeds(tmp_path,
              for t in grid.tasks(faster, workdir))
 
 
+@pytest.mark.optimized(False)  # a DARTS supernet's compile dominates
 def test_grown_weights_without_grown_json_are_grown_again(tmp_path, monkeypatch):
   from conftest import load_config  # pylint: disable=g-import-not-at-top
   from distill_jax import models  # pylint: disable=g-import-not-at-top
@@ -461,7 +465,7 @@ def test_a_full_disk_is_one_line(tmp_path):
   """Files may not grow past 200 kB (as on a full disk): the first checkpoint fails."""
   config = tiny_train_config()
   workdir = str(tmp_path / 'full')
-  env = dict(os.environ, DISTILL_JAX_COMPILATION_CACHE='off', JAX_DISABLE_MOST_OPTIMIZATIONS='1',
+  env = dict(os.environ, DISTILL_JAX_COMPILATION_CACHE='off',
              JAX_PLATFORMS='cpu')
   command = [sys.executable, '-m', 'distill_jax.main', '--config=configs/train.py:demo',
              f'--workdir={workdir}', *overrides(config)]

@@ -23,6 +23,9 @@ from distill_jax.trainers import checkpoint as ckpt_lib
 from distill_jax.trainers import loop
 from distill_jax.trainers import train as train_lib
 
+# Execution-bound: trains for tens of steps (conftest.py)
+pytestmark = pytest.mark.optimized
+
 
 def restore_params(workdir):
   with ocp.CheckpointManager(ckpt_lib.checkpoint_dir(workdir)) as manager:
@@ -31,7 +34,7 @@ def restore_params(workdir):
 
 
 def run_main(args, **kwargs):
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=CACHE_DIR, JAX_DISABLE_MOST_OPTIMIZATIONS='1',
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=CACHE_DIR,
              TF_CPP_MIN_LOG_LEVEL='3')
   return subprocess.Popen([sys.executable, '-m', 'distill_jax.main', *args], cwd=REPO, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
