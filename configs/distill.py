@@ -14,8 +14,9 @@ Expected: about 5.85% top-1 test error (Zagoruyko & Komodakis 2016 report 5.85% 
 first trained in WORKDIR/teacher with the same recipe (doubling the time).
 
 Methods (``--config.distill.method``): none | kd (α=0.9, T=4) | at | kd_at | hard, and
-sp | nst | rkd | pkt | dkd | dist alone or with KD (kd_sp, ...), each with its published
-weight unless ``distill.beta`` is given (distill_jax/trainers/methods.py).
+sp | nst | rkd | pkt | dkd | dist and the learned fitnet | vid | cc (a regressor or heads
+trained with the student) alone or with KD (kd_sp, ...), each with its published weight
+unless ``distill.beta`` is given (distill_jax/trainers/methods.py).
 
 Variants: each method's name picks it (``:kd``, ``:kd_at``, ``:sp``, ``:kd_rkd``...;
 ``:dkd`` also sets DKD's 20-epoch warm-up); ``:demo`` runs teacher and student (small

@@ -292,7 +292,8 @@ def check_points_pair(config: ml_collections.ConfigDict) -> None:
   """What the method compares exists in both networks, on ``config.data``'s images:
   attention transfer and NST pair point i of the student with point i of the teacher
   (sizes may differ: the larger map is shrunk), so both have as many points, at least
-  one; SP needs a last point in each; RKD and PKT an embedding sown by each."""
+  one; SP needs a last point in each and FitNets a middle one (of a size its regressor
+  maps); RKD, PKT and CC an embedding sown by each."""
   method = config.distill.method
   image_shape = dataset_info(config)[1]
   student, student_embedding = _outputs(config.model, image_shape)
@@ -305,11 +306,19 @@ def check_points_pair(config: ml_collections.ConfigDict) -> None:
              f'{method} compares the pooled embeddings, but {name} sows none; sow it with '
              "self.sow('intermediates', 'embedding', x) before the classifier, x of shape (N, D)")
     return
-  _check(student and (needs == 'last_point' or len(student) == len(teacher)) and teacher,
+  one_each = needs in ('last_point', 'hint_point')
+  _check(student and (one_each or len(student) == len(teacher)) and teacher,
          'distill.method', method,
          f'{method} pairs point i of the student with point i of the teacher, but '
          f'{names[0]} has {_listed(student)} and {names[1]} has {_listed(teacher)}; use kd, '
          'or networks with as many points')
+  if needs == 'hint_point':  # FitNets' regressor (RepDistiller ConvReg) maps sizes so
+    hint = lambda sizes: sizes[methods_lib.hint_index(len(sizes))]
+    (s_h, s_w), (t_h, t_w) = ([int(v) for v in hint(x).split('x')] for x in (student, teacher))
+    _check((s_h, s_w) == (2 * t_h, 2 * t_w) or (2 * s_h, 2 * s_w) == (t_h, t_w)
+           or (s_h >= t_h and s_w >= t_w), 'distill.method', method,
+           f'FitNets regresses the student\'s middle point ({s_h}x{s_w}) onto the teacher\'s '
+           f'({t_h}x{t_w}); the student\'s must be twice, half or at least the teacher\'s size')
 
 
 def _listed(sizes: list[str]) -> str:

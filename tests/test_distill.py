@@ -19,6 +19,7 @@ from distill_jax import losses
 from distill_jax import models
 from distill_jax import validation
 from distill_jax.trainers import checkpoint as ckpt_lib
+from distill_jax.trainers import loop
 from distill_jax.trainers import methods as methods_lib
 from distill_jax.trainers import steps as steps_lib
 from distill_jax.trainers import teacher as teacher_lib
@@ -148,8 +149,8 @@ def test_teacher_from_one_checkpoint_folder(teacher_dir):
     ('temperature', 0.0, 'config.distill.temperature=0.0 is invalid: must be > 0'),
     ('alpha', 1.5, 'config.distill.alpha=1.5 is invalid: must be in [0, 1]'),
     ('beta', -1.0, 'config.distill.beta=-1.0 is invalid: must be >= 0'),
-    ('method', 'fitnet', "config.distill.method='fitnet' is invalid: allowed: none, kd, at, kd_at, "
-                         'hard, sp, nst, rkd, pkt, dkd, dist, kd_sp, kd_nst'),
+    ('method', 'crd', "config.distill.method='crd' is invalid: allowed: none, kd, at, kd_at, "
+                      'hard, sp, nst, rkd, pkt, dkd, dist, fitnet, vid, cc, kd_sp, kd_nst'),
     ('warmup_epochs', 2.0, "config.distill.warmup_epochs=2.0 is invalid: only DKD warms up"),
     ('at_form', 'cosine', 'allowed: released, l2'),
 ])
@@ -230,3 +231,150 @@ def test_zoo_methods_train_by_name(teacher_dir, tmp_path, method):
   assert ('train_kd' in train[0]) == method.startswith('kd_')
   assert results['config']['distill']['beta'] is None  # the published weight was used
   assert results['test_top1_error'] < 0.9
+
+
+# ---------------------------------------------------------------------------------------
+# Methods with learned parts: FitNets, VID, CC (distill_jax.trainers.methods.Connector).
+
+
+def _signal_at(monkeypatch, step):
+  """The next run stops (SIGTERM: save and exit) during its training step ``step``."""
+  import os  # pylint: disable=g-import-not-at-top
+  import signal  # pylint: disable=g-import-not-at-top
+  build = train_lib.build_run
+
+  def build_and_wrap(*args, **kwargs):
+    run = build(*args, **kwargs)
+    inner = run.train_step
+
+    def train_step(state, batch, teacher):
+      if int(jax.device_get(state.step)) == step - 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+      return inner(state, batch, teacher)
+    run.train_step = train_step
+    return run
+  monkeypatch.setattr(train_lib, 'build_run', build_and_wrap)
+
+
+@pytest.mark.parametrize('method, published', [('fitnet', 100.0), ('kd_vid', 1.0), ('cc', 0.02)])
+def test_learned_objective_is_the_connector_loss_weighted(teacher_dir, method, published):
+  """The step's loss: CE (or KD) + beta * the connector's own loss, computed independently
+  from the connector's variables (regressor of the middle point / every point / two heads)."""
+  from distill_jax import connectors  # pylint: disable=g-import-not-at-top
+  config = tiny_distill_config(method, teacher_workdir=teacher_dir)
+  teacher = teacher_lib.load_teacher(config.distill.teacher_model, teacher_dir, SHAPE)
+  dataset = data_lib.load_dataset('digits')
+  run = train_lib.build_run(config, teacher=teacher, dataset=dataset)
+  state = jax.device_get(run.state)
+  assert run.connector_params == models.count_params(state.connector['params']) > 0
+  images = jnp.asarray(dataset.train_images[:8], jnp.float32) / 255.0
+  labels = jnp.asarray(dataset.train_labels[:8])
+  (logits, points), sown = run.model.apply(
+      {'params': state.params, 'batch_stats': state.batch_stats}, images, train=True,
+      mutable=['batch_stats', 'intermediates'])
+  (t_logits, t_points), t_sown = teacher.model.apply(teacher.variables, images, train=False,
+                                                     mutable=['intermediates'])
+  c = state.connector
+  base = method.removeprefix('kd_')
+  if base == 'fitnet':
+    assert sorted(c['params']) == ['regressor'] and c['batch_stats']
+    regressed, _ = connectors.ConvRegressor(t_points[1].shape[-1], t_points[1].shape[1:3]).apply(
+        {'params': c['params']['regressor'], 'batch_stats': c['batch_stats']['regressor']},
+        points[1], train=True, mutable=['batch_stats'])
+    own = losses.fitnet_loss(regressed, t_points[1])
+  elif base == 'vid':
+    assert sorted(c['params']) == [f'vid{i}' for i in range(len(points))]
+    own = sum(connectors.vid_loss(*connectors.VIDRegressor(t.shape[-1], t.shape[1:3]).apply(
+        {'params': c['params'][f'vid{i}']}, s), t) for i, (s, t) in enumerate(zip(points, t_points)))
+  else:
+    heads = {k: connectors.LinearEmbed().apply({'params': c['params'][k]}, x) for k, x in (
+        ('student_head', sown['intermediates']['embedding'][0]),
+        ('teacher_head', t_sown['intermediates']['embedding'][0]))}
+    # The release's CC of the two heads' outputs (both heads learn through it).
+    delta = np.abs(np.asarray(heads['student_head'], np.float64) - np.asarray(heads['teacher_head']))
+    own = np.mean(np.sum(delta[:-1] * delta[1:], axis=1))
+  learned, _ = methods_lib.make_connector(method).apply(
+      c, points, t_points, sown['intermediates']['embedding'][0],
+      t_sown['intermediates']['embedding'][0], train=True, mutable=['batch_stats'])
+  np.testing.assert_allclose(learned, own, rtol=2e-5)
+  loss, terms = steps_lib.make_loss(config.distill)(logits, labels, points, t_logits, t_points,
+                                                      learned=learned)
+  first = (losses.kd_loss(logits, t_logits, labels, alpha=config.distill.alpha,
+                          temperature=config.distill.temperature)
+           if method.startswith('kd_') else losses.cross_entropy(logits, labels))
+  np.testing.assert_allclose(terms[base], published * learned, rtol=1e-6)
+  np.testing.assert_allclose(loss, first + published * learned, rtol=1e-6)
+
+
+def test_cc_trains_both_heads():
+  """As the release: the teacher-side head learns through CC too (the teacher's embedding
+  itself is a constant of the step)."""
+  connector = methods_lib.make_connector('cc')
+  rng = np.random.default_rng(0)
+  emb, t_emb = jnp.asarray(rng.normal(size=(6, 32))), jnp.asarray(rng.normal(size=(6, 64)))
+  variables = connector.init(jax.random.key(0), [], [], emb, t_emb, train=False)
+  grads = jax.grad(lambda p: connector.apply({'params': p}, [], [], emb, t_emb, train=True))(
+      variables['params'])
+  for head in ('student_head', 'teacher_head'):
+    assert float(jnp.abs(grads[head]['linear']['kernel']).sum()) > 0
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize('method', ['fitnet', 'kd_vid', 'cc'])
+def test_learned_methods_train_and_resume_exactly(teacher_dir, tmp_path, monkeypatch, method):
+  """Stopped at step 25 and resumed, a learned method ends as the uninterrupted run: the
+  connector is checkpointed with the student (and not counted in its parameters), it
+  learns, and the student's checkpoint tree is the student's alone."""
+  config = tiny_distill_config(method, teacher_workdir=teacher_dir)
+  config.num_epochs = 1
+  config.checkpoint_every_steps = 40
+  whole = jobs.run(config, str(tmp_path / 'whole'))
+  _signal_at(monkeypatch, 25)
+  with pytest.raises(loop.Stopped):
+    jobs.run(config, str(tmp_path / 'stopped'))
+  monkeypatch.undo()
+  resumed = jobs.run(config, str(tmp_path / 'stopped'))
+  assert resumed['resumed_from_step'] == 25
+  for key in ('test_loss', 'test_top1_error', 'test_teacher_agreement'):
+    assert resumed[key] == whole[key], key
+  student = models.param_shapes(models.create_model(**config.model), SHAPE)
+  assert whole['num_params'] == models.count_params(student['params'])
+  saved = {}
+  for name in ('whole', 'stopped'):
+    with ocp.CheckpointManager(ckpt_lib.checkpoint_dir(str(tmp_path / name))) as manager:
+      saved[name] = manager.restore(manager.latest_step())
+  assert whole['connector_params'] == models.count_params(saved['whole']['connector']['params']) > 0
+  jax.tree.map(np.testing.assert_array_equal, saved['whole']['connector'], saved['stopped']['connector'])
+  teacher_lib.check_variables_match(student, {'params': saved['whole']['params'],
+                                              'batch_stats': saved['whole']['batch_stats']},
+                                    source='student')
+  # The connector learned: it is not its initialisation.
+  teacher = teacher_lib.load_teacher(config.distill.teacher_model, teacher_dir, SHAPE)
+  init = jax.device_get(train_lib.build_run(config, teacher=teacher).state.connector['params'])
+  moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()), init,
+                                       saved['whole']['connector']['params']))
+  assert min(moved) > 0
+  rows = [json.loads(line) for line in open(tmp_path / 'whole' / 'metrics.jsonl')]
+  term = method.removeprefix('kd_')
+  assert all(np.isfinite(r[f'train_{term}']) for r in rows if f'train_{term}' in r)
+
+
+@pytest.mark.parametrize('student, teacher, method', [
+    ('darts', 'wrn', 'fitnet'), ('densenet_bc', 'darts', 'vid'), ('wrn', 'densenet_bc', 'cc')])
+def test_learned_methods_fit_every_network_family(student, teacher, method):
+  """Each family as student and as teacher: the connector is built for their points and
+  embeddings and the training step traces (shapes only, no compile)."""
+  nets = {'wrn': dict(depth=10, widen_factor=1), 'densenet_bc': dict(depth=10, growth_rate=4),
+          'darts': dict(genotype='DARTS_V1', layers=3, init_channels=4)}
+  config = tiny_distill_config(method)
+  config.model = models_config(student, **nets[student])
+  config.distill.teacher_model = models_config(teacher, **nets[teacher])
+  validation.validate_distill_config(config)
+  teacher_model = models.create_model(**config.distill.teacher_model)
+  variables = models.init_variables(teacher_model, jax.random.key(0), SHAPE)
+  run = train_lib.build_run(config, teacher=teacher_lib.Teacher(teacher_model, variables),
+                            dataset=data_lib.load_dataset('digits'))
+  assert run.connector_params > 0
+  batch = run.data.batch('train', np.arange(32))
+  _, metrics = jax.eval_shape(run.train_step, run.state, batch, run.teacher_variables)
+  assert metrics[method].shape == () and metrics['loss'].shape == ()

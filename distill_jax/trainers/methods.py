@@ -1,9 +1,9 @@
 r"""Distillation methods by name: what ``config.distill.method`` trains.
 
 The five methods of :func:`distill_jax.losses.distillation_loss` (``none``, ``kd``,
-``at``, ``kd_at``, ``hard``) and the field's other methods without learned parts, each
-alone (``'sp'``) or with KD (``'kd_sp'``), as RepDistiller (HobbitLong/RepDistiller,
-``train_student.py``, ``helper/loops.py``) combines them:
+``at``, ``kd_at``, ``hard``) and the field's other methods, each alone (``'sp'``) or
+with KD (``'kd_sp'``), as RepDistiller (HobbitLong/RepDistiller, ``train_student.py``,
+``helper/loops.py``) combines them:
 
 .. math::
   L = \gamma\,\mathrm{CE} + \alpha T^2 \mathrm{KL}_T + \beta\, w(e)\, L_\text{method},
@@ -22,9 +22,18 @@ last attention point (RepDistiller's ``feat[-2]``); NST every attention point
 (``feat[-1]``; networks sow them as ``intermediates/embedding``); DKD the logits and
 labels at ``distill.temperature``; DIST the logits at its release's T = 1.
 
-Methods with learned parts (FitNets' regressor, VID, CRD, CC's embedding heads) and
-FSP's two-stage schedule are not offered here yet; their losses are in
-:mod:`distill_jax.losses`.
+Methods with learned parts (:class:`Connector`, modules of :mod:`distill_jax.connectors`
+trained with the student by the same optimiser, checkpointed with it and not counted in
+its parameters): FitNets (``'fitnet'``) regresses the student's middle attention point
+(RepDistiller's ``hint_layer=2``, ``feat[2]``) onto the teacher's with a
+:class:`~distill_jax.connectors.ConvRegressor` and takes the mean squared difference; VID
+(``'vid'``) puts a :class:`~distill_jax.connectors.VIDRegressor` on every attention point
+(``feat[1:-1]``) and sums :func:`~distill_jax.connectors.vid_loss` over them; CC (``'cc'``)
+projects both pooled embeddings with a :class:`~distill_jax.connectors.LinearEmbed` of
+width 128 and scores them with :func:`distill_jax.losses.cc_loss`, training the
+teacher-side head too, as the release does. CRD's memory bank and FSP's two-stage
+schedule are not offered here yet; their losses are in :mod:`distill_jax.losses` and
+:mod:`distill_jax.connectors`.
 """
 
 from __future__ import annotations
@@ -32,19 +41,22 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
+from distill_jax import connectors
 from distill_jax import losses
 
 
 @dataclasses.dataclass(frozen=True)
 class Method:
   """A method beyond ``distillation_loss``: what it reads and its loss on those inputs."""
-  reads: str        # 'last_point' | 'points' | 'embedding' | 'logits'
+  reads: str        # 'last_point' | 'hint_point' | 'points' | 'embedding' | 'logits'
   beta: float       # the published weight
   reference: str
+  learned: bool = False  # trains a Connector with the student
 
 
 # Published weights: RepDistiller scripts/run_cifar_distill.sh (-b), mdistiller
@@ -56,6 +68,9 @@ ZOO: dict[str, Method] = {
     'pkt': Method('embedding', 30000.0, 'Passalis & Tefas 2018; RepDistiller PKT.py'),
     'dkd': Method('logits', 1.0, 'Zhao et al. 2022; mdistiller DKD.py'),
     'dist': Method('logits', 1.0, 'Huang et al. 2022; image_classification_sota dist_kd.py'),
+    'fitnet': Method('hint_point', 100.0, 'Romero et al. 2015; RepDistiller FitNet.py', True),
+    'vid': Method('points', 1.0, 'Ahn et al. 2019; RepDistiller VID.py', True),
+    'cc': Method('embedding', 0.02, 'Peng et al. 2019; RepDistiller CC.py', True),
 }
 DEFAULT_BETA = {'at': 1e3, 'kd_at': 1e3, **{m: spec.beta for m, spec in ZOO.items()},
                 **{f'kd_{m}': spec.beta for m, spec in ZOO.items()}}
@@ -70,7 +85,7 @@ def zoo_method(method: str) -> str | None:
 
 def reads(method: str) -> str:
   """What ``method`` needs of the networks beyond logits: ``'points'``, ``'last_point'``,
-  ``'embedding'`` or ``'logits'`` (nothing more)."""
+  ``'hint_point'`` (the middle one), ``'embedding'`` or ``'logits'`` (nothing more)."""
   if method in ('at', 'kd_at'):
     return 'points'
   zoo = zoo_method(method)
@@ -84,8 +99,83 @@ def beta(distill: ml_collections.ConfigDict) -> float:
   return DEFAULT_BETA.get(distill.method, 0.0)
 
 
+def is_learned(method: str) -> bool:
+  """Whether ``method`` trains a :class:`Connector` with the student."""
+  zoo = zoo_method(method)
+  return bool(zoo) and ZOO[zoo].learned
+
+
+def hint_index(num_points: int) -> int:
+  """FitNets' hint point: the middle attention point (RepDistiller's ``feat[2]`` of a
+  WRN's ``[stem, group 1, group 2, group 3, embedding]``: point 1 of 3)."""
+  return num_points // 2
+
+
+class Connector(nn.Module):
+  """The learned part of a method of :data:`ZOO` (``fitnet``, ``vid``, ``cc``): its
+  unweighted loss from both networks' attention points and embeddings.
+
+  ``__call__(points, teacher_points, embedding, teacher_embedding, *, train)``; the
+  teacher's inputs are constants (the caller stops their gradient), the modules' outputs
+  on them are not (CC's teacher-side head learns). Shapes are read from the inputs.
+  """
+  method: str
+
+  @nn.compact
+  def __call__(self, points, teacher_points, embedding, teacher_embedding, *,
+               train: bool) -> jax.Array:
+    if self.method == 'fitnet':
+      student = points[hint_index(len(points))]
+      teacher = teacher_points[hint_index(len(teacher_points))]
+      regressed = connectors.ConvRegressor(teacher.shape[-1], teacher.shape[1:3],
+                                           name='regressor')(student, train=train)
+      return losses.fitnet_loss(regressed, teacher)
+    if self.method == 'vid':
+      total = 0.0
+      for i, (student, teacher) in enumerate(zip(points, teacher_points)):
+        mean, log_scale = connectors.VIDRegressor(teacher.shape[-1], teacher.shape[1:3],
+                                                  name=f'vid{i}')(student)
+        total = total + connectors.vid_loss(mean, log_scale, teacher)
+      return total
+    if self.method == 'cc':
+      student = connectors.LinearEmbed(name='student_head')(embedding)
+      teacher = connectors.LinearEmbed(name='teacher_head')(teacher_embedding)
+      # The release's loss is a function of the difference alone: this form trains both
+      # heads through it, as the release does (cc_loss stops its teacher input).
+      return losses.cc_loss(student - teacher, jnp.zeros_like(teacher))
+    raise ValueError(f'Connector: no learned part for method {self.method!r}')
+
+
+def make_connector(method: str) -> Connector | None:
+  """The :class:`Connector` of ``method`` (alone or ``kd_``), None for a method without
+  learned parts."""
+  return Connector(zoo_method(method)) if is_learned(method) else None
+
+
+def init_connector(connector: Connector, key: jax.Array, model: nn.Module,
+                   teacher_model: nn.Module, input_shape: tuple[int, ...]) -> dict:
+  """``{'params', 'batch_stats'}`` of ``connector`` for ``model`` and ``teacher_model`` on
+  NHWC inputs of ``input_shape``: both networks' outputs from shapes alone, the connector
+  initialised eagerly on zeros of those shapes (a batch of 2)."""
+  from distill_jax.models import names  # pylint: disable=g-import-not-at-top
+
+  def outputs(network):
+    (_, points), variables = jax.eval_shape(lambda: network.init_with_output(
+        jax.random.key(0), jnp.zeros((2, *input_shape[1:])), train=False, mutable=True))
+    embedding = variables.get(names.INTERMEDIATES, {}).get(names.EMBEDDING, (None,))[0]
+    zeros = lambda x: None if x is None else jnp.zeros(x.shape, jnp.float32)
+    return [zeros(p) for p in points], zeros(embedding)
+
+  (points, embedding), (teacher_points, teacher_embedding) = outputs(model), outputs(teacher_model)
+  variables = connector.init(key, points, teacher_points, embedding, teacher_embedding,
+                             train=False)
+  return {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
+
+
 def _method_loss(zoo: str, logits, labels, points, teacher_logits, teacher_points,
-                 embeddings, temperature) -> jax.Array:
+                 embeddings, temperature, learned) -> jax.Array:
+  if ZOO[zoo].learned:
+    return learned
   if zoo == 'sp':
     return losses.sp_loss(points[-1:], teacher_points[-1:])
   if zoo == 'nst':
@@ -102,14 +192,15 @@ def _method_loss(zoo: str, logits, labels, points, teacher_logits, teacher_point
 def make_zoo_loss(distill: ml_collections.ConfigDict, steps_per_epoch: int) -> Callable:
   """``loss(logits, labels, points, teacher_logits, teacher_points, *, embeddings, step)
   -> (loss, terms)`` for a :data:`ZOO` method (alone or ``kd_``), terms ``ce``, ``kd``
-  (with KD) and the method's own, weighted (``'sp'``...)."""
+  (with KD) and the method's own, weighted (``'sp'``...). For a learned method the
+  step passes its :class:`Connector`'s unweighted loss as ``learned``."""
   zoo = zoo_method(distill.method)
   with_kd = distill.method.startswith('kd_')
   alpha, temperature, weight = distill.alpha, distill.temperature, beta(distill)
   warmup_steps = distill.warmup_epochs * steps_per_epoch
 
   def loss(logits, labels, points, teacher_logits, teacher_points, *, embeddings=None,
-           step=0):
+           step=0, learned=None):
     if with_kd:
       total, terms = losses.kd_loss(logits, teacher_logits, labels, alpha=alpha,
                                     temperature=temperature), {}
@@ -120,6 +211,7 @@ def make_zoo_loss(distill: ml_collections.ConfigDict, steps_per_epoch: int) -> C
       terms = {'ce': total}
     ramp = jnp.minimum(step / warmup_steps, 1.0) if warmup_steps else 1.0
     terms[zoo] = weight * ramp * _method_loss(zoo, logits, labels, points, teacher_logits,
-                                              teacher_points, embeddings, temperature)
+                                              teacher_points, embeddings, temperature,
+                                              learned)
     return total + terms[zoo], terms
   return loss

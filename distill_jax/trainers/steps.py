@@ -32,12 +32,23 @@ class TrainState:
 
   ``rng`` is a raw uint32 key; step ``s`` draws its randomness from
   ``fold_in(rng, s)``, so a resumed run repeats the uninterrupted one exactly.
+  ``connector``: the ``{'params', 'batch_stats'}`` of a method's learned part
+  (:class:`distill_jax.trainers.methods.Connector`), None without one; it is trained
+  with ``params`` by the same optimiser (``opt_state`` is then that of
+  ``{'student': params, 'connector': connector['params']}``).
   """
   step: jax.Array
   params: Any
   batch_stats: Any
   opt_state: Any
   rng: jax.Array
+  connector: Any = None
+
+  def trainable(self) -> Any:
+    """What the optimiser updates: ``params``, or the student's and connector's."""
+    if self.connector is None:
+      return self.params
+    return {'student': self.params, 'connector': self.connector['params']}
 
 
 def make_augment(data: ml_collections.ConfigDict, mean: Sequence[float], std: Sequence[float]
@@ -89,12 +100,17 @@ def _only_used_terms(loss_fn: Callable, method: str) -> Callable:
   return loss
 
 
-def create_train_state(variables: dict, tx: optax.GradientTransformation, seed: int) -> TrainState:
-  """A fresh state at step 0 from ``{'params', 'batch_stats'}`` (host or device arrays)."""
+def create_train_state(variables: dict, tx: optax.GradientTransformation, seed: int,
+                       connector: dict | None = None) -> TrainState:
+  """A fresh state at step 0 from ``{'params', 'batch_stats'}`` (host or device arrays)
+  and, for a method with a learned part, its ``{'params', 'batch_stats'}``."""
   params = variables['params']
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),
-                    rng=jax.random.PRNGKey(seed))
+  if connector is not None:
+    connector = {'params': connector['params'], 'batch_stats': connector.get('batch_stats', {})}
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                     batch_stats=variables.get('batch_stats', {}), opt_state=None,
+                     rng=jax.random.PRNGKey(seed), connector=connector)
+  return state.replace(opt_state=tx.init(state.trainable()))
 
 
 def _topk_errors(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -109,15 +125,17 @@ def train_step(state: TrainState, batch: dict, teacher: dict | None, *, model: n
                tx: optax.GradientTransformation, schedule: optax.Schedule,
                augment: Callable[[jax.Array, jax.Array], jax.Array], loss_fn: Callable,
                drop_path: optax.Schedule | None = None, aux_weight: float = 0.0,
-               teacher_model: nn.Module | None = None, embeddings: bool = False
-               ) -> tuple[TrainState, dict]:
+               teacher_model: nn.Module | None = None, embeddings: bool = False,
+               connector_model: nn.Module | None = None) -> tuple[TrainState, dict]:
   """One SGD step on a global batch; returns the new state and scalar metrics.
 
   ``augment`` (:func:`make_augment`) turns the raw batch into training inputs; ``loss_fn``
   (:func:`make_loss`) scores the student against the labels and the teacher;
   ``drop_path`` (:func:`distill_jax.trainers.optim.make_drop_path_schedule`) gives a DARTS
   network's drop-path probability per step; ``aux_weight`` weighs the auxiliary head;
-  ``embeddings``: pass both networks' sown embeddings to ``loss_fn`` (RKD, PKT).
+  ``embeddings``: pass both networks' sown embeddings to ``loss_fn`` (RKD, PKT, CC);
+  ``connector_model``: the method's learned part, applied to ``state.connector`` with its
+  loss passed to ``loss_fn`` as ``learned`` and its parameters trained with the student's.
   """
   step_rng = jax.random.fold_in(state.rng, state.step)
   aug_rng, dropout_rng = jax.random.split(step_rng)
@@ -137,24 +155,38 @@ def train_step(state: TrainState, batch: dict, teacher: dict | None, *, model: n
   mutable = ['batch_stats', names.INTERMEDIATES] if aux_weight or embeddings else ['batch_stats']
   kwargs = {} if drop_path is None else {'drop_path_prob': drop_path(state.step)}
 
-  def objective(params):
+  def objective(trainable):
+    params = trainable if connector_model is None else trainable['student']
     (logits, points), new_vars = model.apply(
         {'params': params, 'batch_stats': state.batch_stats}, images, train=True,
         rngs={'dropout': dropout_rng}, mutable=mutable, **kwargs)
     pair = ((new_vars[names.INTERMEDIATES][names.EMBEDDING][0], teacher_embedding)
             if embeddings else None)
+    learned, connector = None, state.connector
+    if connector_model is not None:
+      learned, connector_vars = connector_model.apply(
+          {'params': trainable['connector'], 'batch_stats': connector['batch_stats']},
+          points, teacher_points, *(pair or (None, None)), train=True,
+          mutable=['batch_stats'])
+      connector = {'params': trainable['connector'],
+                   'batch_stats': connector_vars.get('batch_stats', {})}
     loss, terms = loss_fn(logits, labels, points, teacher_logits, teacher_points,
-                          embeddings=pair, step=state.step)
+                          embeddings=pair, step=state.step,
+                          **({} if learned is None else {'learned': learned}))
     if aux_weight:
       (aux_logits,) = new_vars[names.INTERMEDIATES][names.AUX_LOGITS]
       terms['aux'] = losses.cross_entropy(aux_logits, labels)
       loss = loss + aux_weight * terms['aux']
-    return loss, (logits, new_vars['batch_stats'], terms)
+    return loss, (logits, new_vars['batch_stats'], connector, terms)
 
-  (loss, (logits, batch_stats, terms)), grads = jax.value_and_grad(objective, has_aux=True)(
-      state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  trainable = state.trainable()
+  (loss, (logits, batch_stats, connector, terms)), grads = jax.value_and_grad(
+      objective, has_aux=True)(trainable)
+  updates, opt_state = tx.update(grads, state.opt_state, trainable)
+  trained = optax.apply_updates(trainable, updates)
+  params = trained if connector_model is None else trained['student']
+  if connector_model is not None:
+    connector = {'params': trained['connector'], 'batch_stats': connector['batch_stats']}
 
   top1, top5 = _topk_errors(logits, labels)
   metrics = {
@@ -165,7 +197,7 @@ def train_step(state: TrainState, batch: dict, teacher: dict | None, *, model: n
     metrics['teacher_agreement'] = jnp.mean(
         (logits.argmax(-1) == teacher_logits.argmax(-1)).astype(jnp.float32))
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                            opt_state=opt_state)
+                            opt_state=opt_state, connector=connector)
   return new_state, metrics
 
 
@@ -200,14 +232,16 @@ def compile_steps(*, mesh: Mesh, model: nn.Module, tx: optax.GradientTransformat
                   schedule: optax.Schedule, augment: Callable, normalize: Callable,
                   loss_fn: Callable, drop_path: optax.Schedule | None = None,
                   aux_weight: float = 0.0, teacher_model: nn.Module | None = None,
-                  embeddings: bool = False) -> tuple[Callable, Callable]:
+                  embeddings: bool = False, connector_model: nn.Module | None = None
+                  ) -> tuple[Callable, Callable]:
   """``train_step`` and ``eval_step`` jitted over ``mesh``: state replicated, batch on
   ``'data'``, the state donated."""
   replicated = NamedSharding(mesh, P())
   train = jax.jit(
       functools.partial(train_step, model=model, tx=tx, schedule=schedule, augment=augment,
                         loss_fn=loss_fn, drop_path=drop_path, aux_weight=aux_weight,
-                        teacher_model=teacher_model, embeddings=embeddings),
+                        teacher_model=teacher_model, embeddings=embeddings,
+                        connector_model=connector_model),
       out_shardings=(replicated, replicated), donate_argnums=(0,))
   evaluate = jax.jit(functools.partial(eval_step, model=model, normalize=normalize,
                                        teacher_model=teacher_model),

@@ -53,6 +53,7 @@ class Run:
   steps_per_epoch: int
   num_train_steps: int
   num_params: int
+  connector_params: int  # of the method's learned part (0 without one)
 
 
 def build_run(config: ml_collections.ConfigDict, *, teacher: Teacher | None = None,
@@ -90,7 +91,14 @@ def build_run(config: ml_collections.ConfigDict, *, teacher: Teacher | None = No
   schedule = optim.make_schedule(config.optimizer, steps_per_epoch=steps_per_epoch,
                                  num_train_steps=num_train_steps)
   tx = optim.make_optimizer(config.optimizer, schedule)
-  state = data_lib.replicate(steps_lib.create_train_state(variables, tx, config.seed), mesh)
+  connector_model = methods_lib.make_connector(config.distill.method) if teacher else None
+  connector = None
+  if connector_model is not None:
+    connector = methods_lib.init_connector(
+        connector_model, jax.random.fold_in(jax.random.PRNGKey(config.seed), 1), model,
+        teacher.model, input_shape)
+  state = data_lib.replicate(
+      steps_lib.create_train_state(variables, tx, config.seed, connector=connector), mesh)
   train_step, eval_step = steps_lib.compile_steps(
       mesh=mesh, model=model, tx=tx, schedule=schedule,
       augment=steps_lib.make_augment(config.data, dataset.mean, dataset.std),
@@ -100,12 +108,14 @@ def build_run(config: ml_collections.ConfigDict, *, teacher: Teacher | None = No
                                               steps_per_epoch=steps_per_epoch,
                                               num_epochs=config.num_epochs),
       aux_weight=config.aux_weight, teacher_model=teacher.model if teacher else None,
-      embeddings=bool(teacher) and methods_lib.reads(config.distill.method) == 'embedding')
+      embeddings=bool(teacher) and methods_lib.reads(config.distill.method) == 'embedding',
+      connector_model=connector_model)
   return Run(config=config, mesh=mesh, data=data_lib.DeviceData.create(dataset, mesh),
              model=model, state=state, train_step=train_step, eval_step=eval_step,
              teacher_variables=data_lib.replicate(teacher.variables, mesh) if teacher else None,
              steps_per_epoch=steps_per_epoch, num_train_steps=num_train_steps,
-             num_params=models.count_params(variables['params']))
+             num_params=models.count_params(variables['params']),
+             connector_params=models.count_params(connector['params']) if connector else 0)
 
 
 def evaluate_split(run: Run, state: steps_lib.TrainState, split: str = 'test') -> dict[str, float]:
@@ -174,8 +184,10 @@ def _train(run: Run, workdir: str, start_time: float, *, finished: dict | None) 
   cadence = loop.Cadence(run.num_train_steps, log_every=config.log_every_steps,
                          eval_every=config.eval_every_steps or run.steps_per_epoch,
                          save_every=config.checkpoint_every_steps)
-  logging.info('Training %s (%s) on %s for %s over %s.', config.model.name,
-               loop.count(run.num_params, 'parameter'), config.data.name,
+  learned = (f', and {loop.count(run.connector_params, "parameter")} of '
+             f'{config.distill.method}\'s learned part' if run.connector_params else '')
+  logging.info('Training %s (%s%s) on %s for %s over %s.', config.model.name,
+               loop.count(run.num_params, 'parameter'), learned, config.data.name,
                loop.count(run.num_train_steps, 'step'), loop.count(run.mesh.size, 'device'))
 
   pending = loop.PendingMetrics(first_step, finite_keys=('loss', 'param_norm'),
@@ -214,6 +226,7 @@ def _train(run: Run, workdir: str, start_time: float, *, finished: dict | None) 
   workdir_lib.record_config(workdir, config)
   results = loop.write_results(workdir, {
       **final, 'num_params': run.num_params,
+      **({'connector_params': run.connector_params} if run.connector_params else {}),
       'steps': run.num_train_steps, 'epochs': config.num_epochs, 'resumed_from_step': restored_step,
       'wall_time_s': time.time() - start_time, 'train_step_seconds': train_seconds,
       'num_devices': run.mesh.size, 'config': config.to_dict()}, start_time=start_time)
