@@ -36,15 +36,9 @@ from distill_jax.trainers import search_plots
 from distill_jax.trainers import search_step
 
 
-@pytest.fixture(scope='module', autouse=True)
-def optimized_compiles():
-  """conftest turns most XLA optimisations off (quicker compiles of tiny models); for the
-  supernet that saves little compile time but makes every step ~15x slower, so this
-  module compiles with them and restores the setting afterwards."""
-  before = jax.config.read('jax_disable_most_optimizations')
-  jax.config.update('jax_disable_most_optimizations', False)
-  yield
-  jax.config.update('jax_disable_most_optimizations', before)
+# The supernet's steps: XLA's optimisations save little compile time here but make every
+# step ~15x slower, so this module keeps them (conftest.py).
+pytestmark = pytest.mark.optimized
 
 
 def tiny_search_config(**overrides):

@@ -29,11 +29,11 @@ from distill_jax.trainers import train as train_lib
 from distill_jax.trainers import workdir as workdir_lib
 from test_train import overrides, run_main, trained  # noqa: F401  (the finished run)
 
-# Execution-bound: most tests train for tens of steps (conftest.py)
-pytestmark = pytest.mark.optimized
 
 # Restoring damaged files leaves orbax read coroutines unfinished; pytest reports them.
-pytestmark = pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
+pytestmark = [pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning'),
+              # Execution-bound: most tests train for tens of steps (conftest.py).
+              pytest.mark.optimized]
 
 LAST = 88  # 2 epochs of 44 steps; checkpoints every 20 steps, the last 3 kept
 
