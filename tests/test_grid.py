@@ -187,3 +187,55 @@ def test_a_single_run_job_refuses_shards(tmp_path):
   with pytest.raises(validation.ConfigError, match=r'--shard=1/2 is invalid for config.job'):
     jobs.run(c, str(tmp_path), JobOptions(shard=1, num_shards=2))
   assert not os.listdir(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------
+# Sweeping methods: teacher × student × method.
+
+
+def test_methods_demo_is_every_method_alone_for_one_pair(tmp_path):
+  c = load_config('teacher_student', 'methods_demo')
+  grid.validate(c)
+  tasks = grid.tasks(c, str(tmp_path))
+  pairs = [t for t in tasks if t.needs]
+  assert set(c.methods) == {'kd', 'at', 'kd_at', 'hard', 'sp', 'nst', 'rkd', 'pkt', 'dkd',
+                            'dist', 'fitnet', 'vid', 'cc'}
+  assert len(tasks) == 2 * 2 + len(pairs) and len(pairs) == 2 * len(c.methods)
+  for t in pairs:
+    assert t.config.distill.method == t.method and t.config.distill.beta is None
+    assert t.path == str(tmp_path / 'pairs' / f'wrn_40_2__wrn_16_2__{t.method}' / f'seed{t.seed}')
+  # Without a sweep, the pairs' paths and names are the grid's of old.
+  plain = [t for t in grid.tasks(grid_config(), str(tmp_path)) if t.needs]
+  assert all(t.method == '' and t.path.endswith('wrn_40_2__wrn_16_2/seed0') for t in plain[:1])
+
+
+@pytest.mark.parametrize('methods, message', [
+    (('kd', 'sgd'), "config.methods=('kd', 'sgd') is invalid: 'sgd' is not a distillation "
+                    'method; allowed: kd, at'),
+    (('none',), "'none' is not a distillation method"),
+    (('kd', 'kd'), 'each method at most once')])
+def test_bad_methods_are_one_line(tmp_path, methods, message):
+  with pytest.raises(validation.ConfigError) as e:
+    jobs.run(grid_config(methods=methods), str(tmp_path))
+  assert message in str(e.value) and '\n' not in str(e.value)
+  assert not os.listdir(tmp_path)
+
+
+@pytest.mark.e2e
+def test_a_methods_sweep_reports_a_method_column(tmp_path):
+  c = grid_config(seeds=(0,), num_epochs=1, students=('wrn_16_2',), methods=('kd', 'fitnet'))
+  text = open(jobs.run(c, str(tmp_path))['report']).read()
+  assert '# Teacher × student × method' in text
+  assert '| Teacher | Student | Method | Top-1 Error |' in text
+  for row in ('| N/A | WRN-10-1 | n/a |', '| WRN-16-2 | WRN-10-1 | kd |',
+              '| WRN-16-2 | WRN-10-1 | fitnet |'):
+    assert row in text
+  with open(tmp_path / 'report_summary.csv') as f:
+    summary = list(csv.DictReader(f))
+  assert [r['method'] for r in summary] == ['', 'kd', 'fitnet']
+  with open(tmp_path / 'report.csv') as f:
+    per_run = list(csv.DictReader(f))
+  assert sorted(r['method'] for r in per_run) == ['', '', 'fitnet', 'kd']
+  results = json.load(open(tmp_path / 'pairs' / 'wrn_40_2__wrn_16_2__fitnet' / 'seed0' /
+                           'results.json'))
+  assert results['config']['distill']['method'] == 'fitnet' and results['connector_params'] > 0

@@ -5,6 +5,8 @@ A grid workdir holds one workdir per run::
   teachers/<teacher>/seed<s>/           the teacher trained alone
   students/<student>/seed<s>/           the student with no teacher (the N/A rows)
   pairs/<teacher>__<student>/seed<s>/   the student distilled from that seed's teacher
+                                        (pairs/<teacher>__<student>__<method>/ for each
+                                        method of config.methods, when it sweeps them)
   report.md                             the table: mean ± std over seeds, teachers' own error
   report.csv, report_summary.csv        one row per finished run; the table's numbers
 
@@ -66,11 +68,16 @@ def tasks(config: ml_collections.ConfigDict, workdir: str) -> list[runs.Task]:
     for t in config.teachers:
       teacher_dir = os.path.join(workdir, 'teachers', t, f'seed{seed}')
       for s in config.students:
-        out.append(task(
-            f'{t} -> {s} seed {seed}', os.path.join(workdir, 'pairs', f'{t}__{s}', f'seed{seed}'),
-            run_config(s, seed, teacher_model=models[t], teacher_workdir=teacher_dir),
-            needs=(teacher_dir,), teacher=runs.display_name(models[t]),
-            student=runs.display_name(models[s]), seed=seed, row=True))
+        for method in config.methods or ('',):
+          cfg = run_config(s, seed, teacher_model=models[t], teacher_workdir=teacher_dir)
+          if method:
+            cfg.distill.method = method
+          out.append(task(
+              f'{t} -> {s}{f" by {method}" if method else ""} seed {seed}',
+              os.path.join(workdir, 'pairs', f'{t}__{s}' + (f'__{method}' if method else ''),
+                           f'seed{seed}'),
+              cfg, needs=(teacher_dir,), teacher=runs.display_name(models[t]),
+              student=runs.display_name(models[s]), seed=seed, row=True, method=method))
   # Every run is its own shard group: pairs wait for a teacher another shard trains.
   return [dataclasses.replace(t, group=i) for i, t in enumerate(out)]
 
@@ -90,6 +97,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
       validation.fail(field, tuple(config[field]), 'each network at most once')
   validation.check_seeds(config)
   validation.check_choice(config, 'run.distill.method', methods_lib.NAMES)
+  for method in config.methods:
+    if method not in methods_lib.NAMES or method == 'none':
+      validation.fail('methods', tuple(config.methods),
+                      f'{method!r} is not a distillation method; allowed: '
+                      f'{", ".join(m for m in methods_lib.NAMES if m != "none")}')
+  if len(set(config.methods)) != len(config.methods):
+    validation.fail('methods', tuple(config.methods), 'each method at most once')
   validation.check_range(config, 'darts_drop_path_prob', 0, 1)
   runs.validate_runs(tasks(config, '/'))
 
@@ -105,6 +119,9 @@ def notes(config: ml_collections.ConfigDict) -> list[str]:
                     for key in (*config.teachers, *config.students))
   return [f'Demo stand-ins (config.demo_networks=True): small networks of the paper\'s '
           f'families, named by their own sizes, not the paper\'s networks: {named}.']
+
+
+_METHOD_TITLES = {'at': 'attention transfer', 'kd': 'knowledge distillation'}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str,
@@ -129,7 +146,10 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     return {'trained': trained, 'report': None, 'rows': []}
   report = os.path.join(workdir, runs.REPORT_FILE)
   if jax.process_index() == 0:
-    markdown = runs.write_report(all_tasks, workdir, title='Teacher × student (attention transfer)',
+    method = config.run.distill.method
+    title = ('Teacher × student × method' if config.methods else
+             f'Teacher × student ({_METHOD_TITLES.get(method, method)})')
+    markdown = runs.write_report(all_tasks, workdir, title=title,
                                  notes=notes(config))
     logging.info('Report written to %s:\n%s', report, markdown)
   return {'trained': trained, 'report': report, 'rows': runs.report_rows(all_tasks)}

@@ -42,7 +42,8 @@ class Task:
 
   ``path``: a training run's workdir (``is_run``) or an artifact's file. ``compute()``
   makes it; ``needs``: paths of tasks that must be done first; tasks of one ``group``
-  go to one shard. Runs carry their table labels (``teacher``, ``student``, ``seed``) and
+  go to one shard. Runs carry their table labels (``teacher``, ``student``, ``seed``,
+  ``method``: the distillation method when an experiment sweeps methods, else empty) and
   ``row``: whether they are a row of the report.
   """
   name: str
@@ -56,6 +57,7 @@ class Task:
   student: str = ''
   seed: int = 0
   row: bool = False
+  method: str = ''
 
   def done(self) -> bool:
     """Finished; for a run with a known config, finished under that config (a run whose
@@ -238,6 +240,16 @@ SUMMARY_COLUMNS = ('teacher', 'student', 'seeds', 'top1_mean', 'top1_std', 'top5
                    'student_params')
 TABLE_HEADER = ('Teacher', 'Student', 'Top-1 Error', 'Top-5 Error', 'Teacher error',
                 'Teacher params', 'Student params', 'Seeds')
+# With a sweep over methods (a task has a method): a Method column after Student, in the
+# table and both CSV files.
+METHOD_COLUMN = 'method'
+
+
+def _with_method(columns: Sequence[str], method: bool, after: str) -> tuple[str, ...]:
+  if not method:
+    return tuple(columns)
+  i = list(columns).index(after) + 1
+  return (*columns[:i], METHOD_COLUMN if after == 'student' else 'Method', *columns[i:])
 MAX_LISTED = 40  # unfinished runs named in report.md (the log names all of them)
 
 
@@ -277,6 +289,7 @@ def _run_rows(finished: list[tuple[Task, dict]], workdir: str) -> list[dict]:
     teacher = r if kind == 'teacher' else teachers.get((task.teacher, task.seed))
     rows.append({
         'kind': kind, 'teacher': task.teacher, 'student': task.student, 'seed': task.seed,
+        'method': task.method,
         'test_top1_error': _percent(r['test_top1_error']),
         'test_top5_error': _percent(r.get('test_top5_error')),
         'teacher_test_top1_error': _percent(teacher['test_top1_error']) if teacher else None,
@@ -306,18 +319,18 @@ def _mean_std(values: Iterable[float | None]) -> tuple[float | None, float | Non
 
 
 def _summary_rows(per_run: list[dict]) -> list[dict]:
-  groups: dict[tuple[str, str], list[dict]] = {}
+  groups: dict[tuple[str, str, str], list[dict]] = {}
   for r in per_run:
     if r['kind'] != 'teacher':
-      groups.setdefault((r['teacher'], r['student']), []).append(r)
+      groups.setdefault((r['teacher'], r['student'], r['method']), []).append(r)
   rows = []
-  for (teacher, student), group in groups.items():
+  for (teacher, student, method), group in groups.items():
     top1 = _mean_std(r['test_top1_error'] for r in group)
     top5 = _mean_std(r['test_top5_error'] for r in group)
     teacher_top1 = _mean_std(r['teacher_test_top1_error'] for r in group)
     params = [r['teacher_params'] for r in group if r['teacher_params'] is not None]
     rows.append({
-        'teacher': teacher, 'student': student, 'seeds': len(group),
+        'teacher': teacher, 'student': student, 'method': method, 'seeds': len(group),
         'seed_list': sorted(r['seed'] for r in group),
         'top1_mean': top1[0], 'top1_std': top1[1], 'top5_mean': top5[0], 'top5_std': top5[1],
         'teacher_top1_mean': teacher_top1[0], 'teacher_top1_std': teacher_top1[1],
@@ -328,7 +341,7 @@ def _summary_rows(per_run: list[dict]) -> list[dict]:
 
 
 def report_rows(tasks: Iterable[Task]) -> list[dict]:
-  """One row per (teacher, student) of the finished row runs, in task order: test errors
+  """One row per (teacher, student, method) of the finished row runs, in task order: test errors
   in percent, mean and sample std (ddof=1) over seeds (``None`` for one seed); the
   teachers' own test top-1 error over the same seeds (``None`` without a teacher); the
   parameter counts (a teacher's: its mean over seeds, and ``teacher_params_range``: a
@@ -399,7 +412,8 @@ def write_report(tasks: Sequence[Task], workdir: str, *, title: str, notes: Sequ
   ``report.md``: a header saying what the numbers are (:func:`report_rows`), ``notes``
   (e.g. that the networks are demo stand-ins), a warning naming the runs of
   ``missing_from`` (default ``tasks``) that have not finished (also logged), and the
-  table (:data:`TABLE_HEADER`). ``report.csv``: one row per finished run
+  table (:data:`TABLE_HEADER`, with a Method column when a task has a method).
+  ``report.csv``: one row per finished run
   (:func:`run_rows`); ``report_summary.csv``: the table's numbers
   (:data:`SUMMARY_COLUMNS`). Every file is written atomically.
   """
@@ -417,17 +431,22 @@ def write_report(tasks: Sequence[Task], workdir: str, *, title: str, notes: Sequ
     lines += [*_missing_text(missing, len(candidates), workdir), '']
     logging.warning('%d of %d runs have not finished; the report in %s leaves them out: %s',
                     len(missing), len(candidates), workdir, ', '.join(t.name for t in missing))
-  lines += ['| ' + ' | '.join(TABLE_HEADER) + ' |', '|' + '---|' * len(TABLE_HEADER)]
+  method = any(t.method for t in tasks)
+  header = _with_method(TABLE_HEADER, method, 'Student')
+  lines += ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   for r in rows:
-    cells = [r['teacher'], r['student'], _pm(r['top1_mean'], r['top1_std']),
+    cells = [r['teacher'], r['student'], *([r['method'] or NOT_APPLICABLE] if method else []),
+             _pm(r['top1_mean'], r['top1_std']),
              _pm(r['top5_mean'], r['top5_std']),
              _pm(r['teacher_top1_mean'], r['teacher_top1_std']), _teacher_params(r),
              f'{r["student_params"]:,}', str(r['seeds'])]
     lines.append('| ' + ' | '.join(cells) + ' |')
   markdown = '\n'.join(lines) + '\n'
   loop.write_text(os.path.join(workdir, REPORT_FILE), markdown)
-  loop.write_text(os.path.join(workdir, RUNS_CSV), _csv(per_run, RUN_COLUMNS))
-  loop.write_text(os.path.join(workdir, SUMMARY_CSV), _csv(rows, SUMMARY_COLUMNS))
+  loop.write_text(os.path.join(workdir, RUNS_CSV),
+                  _csv(per_run, _with_method(RUN_COLUMNS, method, 'student')))
+  loop.write_text(os.path.join(workdir, SUMMARY_CSV),
+                  _csv(rows, _with_method(SUMMARY_COLUMNS, method, 'student')))
   return markdown
 
 
