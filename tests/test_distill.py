@@ -3,6 +3,7 @@
 import functools
 import json
 import os
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import load_config
+from test_reliability import signal_at
 from distill_jax import data as data_lib
 from distill_jax import jobs
 from distill_jax import losses
@@ -237,25 +239,6 @@ def test_zoo_methods_train_by_name(teacher_dir, tmp_path, method):
 # Methods with learned parts: FitNets, VID, CC (distill_jax.trainers.methods.Connector).
 
 
-def _signal_at(monkeypatch, step):
-  """The next run stops (SIGTERM: save and exit) during its training step ``step``."""
-  import os  # pylint: disable=g-import-not-at-top
-  import signal  # pylint: disable=g-import-not-at-top
-  build = train_lib.build_run
-
-  def build_and_wrap(*args, **kwargs):
-    run = build(*args, **kwargs)
-    inner = run.train_step
-
-    def train_step(state, batch, teacher):
-      if int(jax.device_get(state.step)) == step - 1:
-        os.kill(os.getpid(), signal.SIGTERM)
-      return inner(state, batch, teacher)
-    run.train_step = train_step
-    return run
-  monkeypatch.setattr(train_lib, 'build_run', build_and_wrap)
-
-
 @pytest.mark.parametrize('method, published', [('fitnet', 100.0), ('kd_vid', 1.0), ('cc', 0.02)])
 def test_learned_objective_is_the_connector_loss_weighted(teacher_dir, method, published):
   """The step's loss: CE (or KD) + beta * the connector's own loss, computed independently
@@ -329,7 +312,7 @@ def test_learned_methods_train_and_resume_exactly(teacher_dir, tmp_path, monkeyp
   config.num_epochs = 1
   config.checkpoint_every_steps = 40
   whole = jobs.run(config, str(tmp_path / 'whole'))
-  _signal_at(monkeypatch, 25)
+  signal_at(monkeypatch, 25, signal.SIGTERM)
   with pytest.raises(loop.Stopped):
     jobs.run(config, str(tmp_path / 'stopped'))
   monkeypatch.undo()

@@ -49,21 +49,15 @@ class LinearEmbed(nn.Module):
     """``(N, ...) -> (N, features)``."""
     return _flat_dense(self, x)
 
-class NormalizedEmbed(nn.Module):
-  """CRD's head: :class:`LinearEmbed`, then each row L2-normalised.
+
+class NormalizedEmbed(LinearEmbed):
+  """CRD's head: :class:`LinearEmbed` (same attributes), then each row L2-normalised.
 
   RepDistiller ``crd/criterion.py`` ``Embed`` (a linear layer and ``Normalize(2)``),
   one on each network's pooled embedding, both trained with the student. The release
   divides by the row norm itself, so an all-zero row gives NaN there; here it is
   divided by ``max(norm, 1e-12)`` (zero instead), the same value elsewhere.
-
-  Attributes:
-    features: output width (the release's ``feat_dim``, 128).
-    dtype: compute dtype (``None``: promoted from inputs and float32 parameters).
   """
-
-  features: int = FEAT_DIM
-  dtype: Dtype | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
