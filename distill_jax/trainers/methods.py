@@ -48,6 +48,7 @@ import ml_collections
 
 from distill_jax import connectors
 from distill_jax import losses
+from distill_jax.models import names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,8 +158,6 @@ def init_connector(connector: Connector, key: jax.Array, model: nn.Module,
   """``{'params', 'batch_stats'}`` of ``connector`` for ``model`` and ``teacher_model`` on
   NHWC inputs of ``input_shape``: both networks' outputs from shapes alone, the connector
   initialised eagerly on zeros of those shapes (a batch of 2)."""
-  from distill_jax.models import names  # pylint: disable=g-import-not-at-top
-
   def outputs(network):
     (_, points), variables = jax.eval_shape(lambda: network.init_with_output(
         jax.random.key(0), jnp.zeros((2, *input_shape[1:])), train=False, mutable=True))
