@@ -14,14 +14,18 @@ Expected: about 5.85% top-1 test error (Zagoruyko & Komodakis 2016 report 5.85% 
 first trained in WORKDIR/teacher with the same recipe (doubling the time).
 
 Methods (``--config.distill.method``): none | kd (α=0.9, T=4) | at | kd_at | hard, and
-sp | nst | rkd | pkt | dkd | dist and the learned fitnet | vid | cc (a regressor or heads
-trained with the student) alone or with KD (kd_sp, ...), each with its published weight
-unless ``distill.beta`` is given (distill_jax/trainers/methods.py).
+sp | nst | fsp | rkd | pkt | dkd | dist and the learned fitnet | vid | cc | crd (a
+regressor, heads or CRD's memory bank trained with the student) alone or with KD
+(kd_sp, ...), each with its published weight unless ``distill.beta`` is given
+(distill_jax/trainers/methods.py).
 
-Variants: each method's name picks it (``:kd``, ``:kd_at``, ``:sp``, ``:kd_rkd``...;
-``:dkd`` also sets DKD's 20-epoch warm-up); ``:demo`` runs teacher and student (small
-WRNs) on the embedded digits data in about two minutes on 2 CPU cores (β = 50 for AT's
-8x8 maps, DKD's warm-up 1 epoch):
+Variants: each method's name picks it with its release recipe (``:kd``, ``:kd_at``,
+``:sp``, ``:kd_rkd``...; ``:dkd`` also sets DKD's 20-epoch warm-up, ``:fsp`` FSP's
+30-epoch initialisation stage, ``:crd`` CRD's 16,384 negatives;
+``--config.distill.init_epochs=E`` with ``:fitnet`` gives Romero et al.'s hint stage);
+``:demo`` runs teacher and student (small WRNs) on the embedded digits data in about
+two minutes on 2 CPU cores (β = 50 for AT's 8x8 maps, DKD's warm-up and FSP's stage 1
+epoch, CRD 512 negatives):
 
   python -m distill_jax.main --config=configs/distill.py:demo --workdir=/tmp/distill_demo
 """
@@ -39,8 +43,7 @@ def get_config(arg: str = ''):
   c.model = config_lib.network('wrn_16_2')
   method = chosen[0] if chosen else 'at'
   config_lib.distill_fields(c, teacher='wrn_40_2', method=method)
-  if method in ('dkd', 'kd_dkd'):
-    c.distill.warmup_epochs = 20.0  # mdistiller CFG.DKD.WARMUP
+  config_lib.set_method(c.distill, method, demo='demo' in variants)
   if 'demo' in variants:
     c = config_lib.demo(c)
     c.num_epochs = 8
@@ -50,7 +53,5 @@ def get_config(arg: str = ''):
       # Each layer's AT term scales like 1/(H·W): 8x8 digits have 16x fewer positions
       # than 32x32 CIFAR, and β = 1000 would drown the cross-entropy there.
       c.distill.beta = 50.0
-    if method in ('dkd', 'kd_dkd'):
-      c.distill.warmup_epochs = 1.0
   c.lock()
   return c

@@ -28,8 +28,10 @@ embedded digits data, 2 seeds, in a few minutes on 2 CPU cores:
   python -m distill_jax.main --config=configs/teacher_student.py:demo --workdir=/tmp/grid_demo
 
 ``:methods_demo``: one student (the WRN-16-2 stand-in) under one teacher (the WRN-40-2
-stand-in) by every method alone (kd, at, kd_at, hard, sp, nst, rkd, pkt, dkd, dist,
-fitnet, vid, cc), each at its published weight, 2 seeds, on digits:
+stand-in) by every method alone (kd, at, kd_at, hard, sp, nst, fsp, rkd, pkt, dkd, dist,
+fitnet, vid, cc, crd), each at its published weight and its release recipe at the demo's
+scale (DKD's warm-up and FSP's initialisation stage 1 epoch, CRD 512 negatives), 2 seeds,
+on digits:
 
   python -m distill_jax.main --config=configs/teacher_student.py:methods_demo \
       --workdir=/tmp/methods_demo

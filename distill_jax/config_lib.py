@@ -11,6 +11,7 @@ import inspect
 
 import ml_collections
 
+from distill_jax import connectors
 from distill_jax import losses
 
 # The paper's networks (and the author's released code): name -> model config.
@@ -25,7 +26,7 @@ NETWORKS = {
 
 # Stand-ins of the same families small enough for 8x8 digits on 2 CPU cores.
 DEMO_NETWORKS = {
-    'wrn_16_2': {'name': 'wrn', 'depth': 10, 'widen_factor': 1},
+    'wrn_16_2': {'name': 'wrn', 'depth': 10, 'widen_factor': 2},  # the teacher's widths, as WRN-16-2
     'wrn_40_2': {'name': 'wrn', 'depth': 16, 'widen_factor': 2},
     'densenet_bc_100_12': {'name': 'densenet_bc', 'depth': 16, 'growth_rate': 6},
     'densenet_bc_40_36': {'name': 'densenet_bc', 'depth': 22, 'growth_rate': 12},
@@ -116,17 +117,49 @@ def distill_section(method: str = 'at') -> ml_collections.ConfigDict:
   Komodakis 2016, β at the three stage outputs); defaults from
   :func:`distill_jax.losses.distillation_loss`."""
   d = ml_collections.ConfigDict()
-  # none | kd | at | kd_at | hard, or sp | nst | rkd | pkt | dkd | dist, alone or kd_sp ...
+  # none | kd | at | kd_at | hard, or sp | nst | fsp | rkd | pkt | dkd | dist and the learned
+  # fitnet | vid | cc | crd, alone or with KD: kd_sp ...
   # (distill_jax.trainers.methods)
   d.method = method
   d.alpha = _default(losses.distillation_loss, 'alpha')              # KD weight of the soft term
   d.temperature = _default(losses.distillation_loss, 'temperature')  # KD (and DKD) temperature T
-  # The method's weight; None: its published one (AT 1000, SP 3000, NST 50, RKD 1, PKT 3e4,
-  # DKD 1, DIST 1: methods.DEFAULT_BETA).
+  # The method's weight; None: its published one (AT 1000, SP 3000, NST 50, FSP 50, RKD 1,
+  # PKT 3e4, DKD 1, DIST 1, FitNet 100, VID 1, CC 0.02, CRD 0.8: methods.DEFAULT_BETA).
   d.beta = ml_collections.config_dict.placeholder(float)
   d.at_form = _default(losses.distillation_loss, 'at_form')  # released (squared, mean) | l2 (Eq. 2)
   d.warmup_epochs = 0.0  # DKD only: its term ramps up linearly over these epochs (release: 20)
+  # FSP and FitNets only: first train the student's layers below its classifier on the
+  # method's loss alone for this many epochs, then train as usual without it (RepDistiller's
+  # FSP: 30; Romero et al.'s FitNets: hints, then KD with kd_fitnet).
+  d.init_epochs = 0
+  # CRD only (RepDistiller train_student.py defaults): negatives per example, temperature,
+  # momentum of the memory bank.
+  d.nce_k = connectors.NCE_K
+  d.nce_t = connectors.NCE_T
+  d.nce_m = connectors.NCE_M
   return d
+
+
+# Each method's release recipe beyond its weight: (field, full value, demo value).
+METHOD_RECIPES = {
+    'dkd': ('warmup_epochs', 20.0, 1.0),   # mdistiller CFG.DKD.WARMUP
+    'fsp': ('init_epochs', 30, 1),         # RepDistiller --init_epochs
+    'crd': ('nce_k', connectors.NCE_K, 512),  # demo: digits has ~1,300 examples per split
+}
+
+
+def set_method(distill: ml_collections.ConfigDict, method: str, *, demo: bool = False) -> None:
+  """Sets ``distill.method`` and its release recipe (:data:`METHOD_RECIPES`: DKD's
+  warm-up, FSP's initialisation stage, CRD's negatives), at the demo's scale with
+  ``demo``; the other methods' fields return to their defaults."""
+  fresh = distill_section(method)
+  distill.method = method
+  for field, _, _ in METHOD_RECIPES.values():
+    distill[field] = fresh[field]
+  base = method[3:] if method.startswith('kd_') else method
+  if base in METHOD_RECIPES:
+    field, full, small = METHOD_RECIPES[base]
+    distill[field] = small if demo else full
 
 
 def distill_fields(c: ml_collections.ConfigDict, *, teacher: str = 'wrn_40_2',

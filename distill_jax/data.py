@@ -539,14 +539,14 @@ class DeviceData:
   def batch(self, split: str, indices: np.ndarray, mask: np.ndarray | None = None) -> dict:
     """The raw uint8 batch for global ``indices``, sharded over ``'data'``.
 
-    Returns ``{'image': (B, H, W, C) uint8, 'label': (B,) int32, 'mask': (B,) f32}``.
-    """
+    Returns ``{'image': (B, H, W, C) uint8, 'label': (B,) int32, 'index': (B,) int32,
+    'mask': (B,) f32}`` (``index``: the examples' indices in the split)."""
     if mask is None:
       mask = np.ones(indices.shape, np.float32)
     idx, mask = shard_global_batch((indices, mask), self.mesh)
     images, labels = self.splits[split]
     image, label = _gather(images, labels, idx)
-    return {'image': image, 'label': label, 'mask': mask}
+    return {'image': image, 'label': label, 'index': idx, 'mask': mask}
 
 
 @jax.jit

@@ -263,6 +263,20 @@ def validate_distill_config(config: ml_collections.ConfigDict) -> None:
          'distill.warmup_epochs', config.distill.warmup_epochs,
          f'only DKD warms up (method dkd or kd_dkd); distill.method={config.distill.method!r}: '
          'use 0')
+  method = config.distill.method
+  check_non_negative(config, 'distill.init_epochs', integer=True)
+  _check(not config.distill.init_epochs or methods_lib.zoo_method(method) in ('fsp', 'fitnet'),
+         'distill.init_epochs', config.distill.init_epochs,
+         f'only FSP and FitNets have an initialisation stage (method fsp, fitnet or their kd_ '
+         f'forms); distill.method={method!r}: use 0')
+  check_positive(config, 'distill.nce_k', integer=True)
+  check_positive(config, 'distill.nce_t')
+  check_range(config, 'distill.nce_m', 0, 1, closed='[)')
+  if not methods_lib.has_memory(method):
+    for field, default in methods_lib.CRD_FIELDS.items():
+      _check(config.distill[field] == default, f'distill.{field}', config.distill[field],
+             f'only CRD reads it (method crd or kd_crd); distill.method={method!r}: leave '
+             f'it at {default}')
   teacher_workdir = config.distill.get('teacher_workdir', '')
   _check(isinstance(teacher_workdir, str), 'distill.teacher_workdir', teacher_workdir,
          'must be a directory path or empty')
@@ -278,14 +292,15 @@ def validate_distill_config(config: ml_collections.ConfigDict) -> None:
 
 
 def _outputs(model_config: ml_collections.ConfigDict, image_shape: tuple[int, ...]
-             ) -> tuple[list[str], Any]:
-  """``'HxW'`` of each attention point of the network and its sown embedding (None if it
-  sows none), from shapes alone (no compute)."""
+             ) -> tuple[list[str], list[int], Any]:
+  """``'HxW'`` and channels of each attention point of the network and its sown embedding
+  (None if it sows none), from shapes alone (no compute)."""
   model = models.create_model(**dict(model_config))
   (_, points), variables = jax.eval_shape(lambda: model.init_with_output(
       jax.random.key(0), jax.numpy.zeros((1, *image_shape)), train=False, mutable=True))
   embedding = variables.get('intermediates', {}).get('embedding')
-  return [f'{p.shape[1]}x{p.shape[2]}' for p in points], embedding
+  return ([f'{p.shape[1]}x{p.shape[2]}' for p in points], [int(p.shape[-1]) for p in points],
+          embedding)
 
 
 def check_points_pair(config: ml_collections.ConfigDict) -> None:
@@ -293,11 +308,13 @@ def check_points_pair(config: ml_collections.ConfigDict) -> None:
   attention transfer and NST pair point i of the student with point i of the teacher
   (sizes may differ: the larger map is shrunk), so both have as many points, at least
   one; SP needs a last point in each and FitNets a middle one (of a size its regressor
-  maps); RKD, PKT and CC an embedding sown by each."""
+  maps), FSP as many channels at each point in both; RKD, PKT, CC and CRD an embedding
+  sown by each."""
   method = config.distill.method
   image_shape = dataset_info(config)[1]
-  student, student_embedding = _outputs(config.model, image_shape)
-  teacher, teacher_embedding = _outputs(config.distill.teacher_model, image_shape)
+  student, student_channels, student_embedding = _outputs(config.model, image_shape)
+  teacher, teacher_channels, teacher_embedding = _outputs(config.distill.teacher_model,
+                                                          image_shape)
   needs = methods_lib.reads(method)
   names = f'model ({config.model.name})', f'distill.teacher_model ({config.distill.teacher_model.name})'
   if needs == 'embedding':
@@ -312,6 +329,11 @@ def check_points_pair(config: ml_collections.ConfigDict) -> None:
          f'{method} pairs point i of the student with point i of the teacher, but '
          f'{names[0]} has {_listed(student)} and {names[1]} has {_listed(teacher)}; use kd, '
          'or networks with as many points')
+  if methods_lib.zoo_method(method) == 'fsp':
+    _check(student_channels == teacher_channels and len(student) >= 2, 'distill.method',
+           method, f'FSP compares flow matrices between consecutive points, so both networks '
+           f'need at least 2 points of the same channels; {names[0]} has channels '
+           f'{student_channels} and {names[1]} {teacher_channels} (RepDistiller FSP.py)')
   if needs == 'hint_point':  # FitNets' regressor (RepDistiller ConvReg) maps sizes so
     hint = lambda sizes: sizes[methods_lib.hint_index(len(sizes))]
     (s_h, s_w), (t_h, t_w) = ([int(v) for v in hint(x).split('x')] for x in (student, teacher))

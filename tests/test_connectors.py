@@ -297,6 +297,23 @@ def test_init_crd_memory():
   assert (C.NCE_K, C.NCE_T, C.NCE_M, C.FEAT_DIM) == (16384, 0.07, 0.5, 128)
 
 
+def test_crd_memory_padding_rows_are_never_read():
+  """Banks padded to R > N rows (to shard them evenly): the first N rows are those of the
+  unpadded banks, and the loss with ``num_examples=N`` is the unpadded one."""
+  memory = C.init_crd_memory(jax.random.key(3), N, D)
+  padded = C.init_crd_memory(jax.random.key(3), N, D, rows=N + 4)
+  assert padded['student'].shape == (N + 4, D)
+  for name in ('student', 'teacher'):
+    np.testing.assert_array_equal(padded[name][:N], memory[name])
+  idx, con, s, t = _crd_batch(4)
+  loss, z = C.crd_loss(s, t, memory, idx, con)
+  padded_loss, padded_z = C.crd_loss(s, t, padded, idx, con, num_examples=N)
+  np.testing.assert_allclose(padded_loss, loss, rtol=1e-6)
+  np.testing.assert_allclose(padded_z['z_student'], z['z_student'], rtol=1e-6)
+  with pytest.raises(ValueError, match='rows=3'):
+    C.init_crd_memory(jax.random.key(3), N, D, rows=3)
+
+
 def _crd_batch(seed):
   indices = np.random.default_rng(seed).choice(N, B, replace=False).astype(np.int32)
   contrast = np.asarray(_sample(jax.random.key(seed), CLASSES[indices], indices, CLASSES,

@@ -15,6 +15,7 @@ import pytest
 
 from conftest import load_config
 from test_reliability import signal_at
+from distill_jax import config_lib
 from distill_jax import data as data_lib
 from distill_jax import jobs
 from distill_jax import losses
@@ -151,9 +152,14 @@ def test_teacher_from_one_checkpoint_folder(teacher_dir):
     ('temperature', 0.0, 'config.distill.temperature=0.0 is invalid: must be > 0'),
     ('alpha', 1.5, 'config.distill.alpha=1.5 is invalid: must be in [0, 1]'),
     ('beta', -1.0, 'config.distill.beta=-1.0 is invalid: must be >= 0'),
-    ('method', 'crd', "config.distill.method='crd' is invalid: allowed: none, kd, at, kd_at, "
-                      'hard, sp, nst, rkd, pkt, dkd, dist, fitnet, vid, cc, kd_sp, kd_nst'),
+    ('method', 'abound', "config.distill.method='abound' is invalid: allowed: none, kd, at, "
+                         'kd_at, hard, sp, nst, fsp, rkd, pkt, dkd, dist, fitnet, vid, cc, crd, '
+                         'kd_sp, kd_nst, kd_fsp'),
     ('warmup_epochs', 2.0, "config.distill.warmup_epochs=2.0 is invalid: only DKD warms up"),
+    ('init_epochs', 2, 'config.distill.init_epochs=2 is invalid: only FSP and FitNets have an '
+                       'initialisation stage'),
+    ('nce_k', 100, 'config.distill.nce_k=100 is invalid: only CRD reads it'),
+    ('nce_m', 1.0, 'config.distill.nce_m=1.0 is invalid: must be in [0, 1)'),
     ('at_form', 'cosine', 'allowed: released, l2'),
 ])
 def test_bad_distill_values(field, value, message):
@@ -181,19 +187,22 @@ def _distill_section(method, **fields):
 
 
 @pytest.mark.parametrize('method, published', [('sp', 3000.0), ('kd_nst', 50.0), ('rkd', 1.0),
-                                               ('kd_pkt', 3e4), ('dkd', 1.0), ('dist', 1.0)])
+                                               ('kd_pkt', 3e4), ('dkd', 1.0), ('dist', 1.0),
+                                               ('fsp', 50.0)])
 def test_zoo_objective_is_ce_kd_and_the_weighted_method(method, published):
   rng = np.random.default_rng(0)
   logits, teacher_logits = rng.normal(size=(6, 10)), rng.normal(size=(6, 10))
   labels = np.arange(6) % 10
   points = [rng.normal(size=(6, 4, 4, 3)), rng.normal(size=(6, 2, 2, 5))]
-  teacher_points = [rng.normal(size=(6, 4, 4, 7)), rng.normal(size=(6, 2, 2, 5))]
+  teacher_points = [rng.normal(size=(6, 4, 4, 7 if method != 'fsp' else 3)),
+                    rng.normal(size=(6, 2, 2, 5))]
   embeddings = (rng.normal(size=(6, 5)), rng.normal(size=(6, 9)))
   loss, terms = steps_lib.make_loss(_distill_section(method))(
       logits, labels, points, teacher_logits, teacher_points, embeddings=embeddings, step=0)
   base = method.removeprefix('kd_')
   own = {'sp': lambda: losses.sp_loss(points[-1:], teacher_points[-1:]),
          'nst': lambda: losses.nst_loss(points, teacher_points),
+         'fsp': lambda: losses.fsp_loss(points, teacher_points),
          'rkd': lambda: losses.rkd_loss(*embeddings), 'pkt': lambda: losses.pkt_loss(*embeddings),
          'dkd': lambda: losses.dkd_loss(logits, teacher_logits, labels, temperature=4.0),
          'dist': lambda: losses.dist_loss(logits, teacher_logits)}[base]()
@@ -205,6 +214,44 @@ def test_zoo_objective_is_ce_kd_and_the_weighted_method(method, published):
   _, terms = steps_lib.make_loss(_distill_section(method, beta=2.0))(
       logits, labels, points, teacher_logits, teacher_points, embeddings=embeddings)
   np.testing.assert_allclose(terms[base], 2.0 * own, rtol=1e-6)
+
+
+@pytest.mark.parametrize('method', ['fsp', 'kd_fsp'])
+def test_an_initialisation_stage_trains_the_method_alone_then_drops_it(method):
+  """With distill.init_epochs: stage 1's loss is FSP alone (unweighted, as RepDistiller's
+  pretrain.py), the main stage's CE (or KD) without it."""
+  rng = np.random.default_rng(2)
+  logits, teacher_logits, labels = rng.normal(size=(4, 5)), rng.normal(size=(4, 5)), np.arange(4)
+  points = [rng.normal(size=(4, 4, 4, 3)), rng.normal(size=(4, 2, 2, 5))]
+  teacher_points = [rng.normal(size=(4, 4, 4, 3)), rng.normal(size=(4, 2, 2, 5))]
+  distill = _distill_section(method, init_epochs=1)
+  loss, terms = steps_lib.make_loss(distill, stage='init')(logits, labels, points,
+                                                           teacher_logits, teacher_points)
+  np.testing.assert_allclose(loss, losses.fsp_loss(points, teacher_points), rtol=1e-6)
+  assert set(terms) == {'fsp'}
+  loss, terms = steps_lib.make_loss(distill)(logits, labels, points, teacher_logits,
+                                             teacher_points)
+  first = (losses.kd_loss(logits, teacher_logits, labels, alpha=0.9, temperature=4.0)
+           if method.startswith('kd_') else losses.cross_entropy(logits, labels))
+  np.testing.assert_allclose(loss, first, rtol=1e-6)
+  assert 'fsp' not in terms
+
+
+def test_freeze_modules_leaves_the_classifier_untouched():
+  params = {'classifier': {'kernel': jnp.ones((3, 2))}, 'conv': {'kernel': jnp.ones((2, 2))}}
+  opt = ml_collections.ConfigDict({'grad_clip_norm': 0.0, 'weight_decay': 0.1,
+                                   'momentum': 0.9, 'nesterov': False})
+  from distill_jax.trainers import optim  # pylint: disable=g-import-not-at-top
+  for tree in (params, {'student': params, 'connector': {'regressor': jnp.ones(2)}}):
+    tx = optim.freeze_modules(optim.make_optimizer(opt, optax.constant_schedule(0.5)),
+                              methods_lib.INIT_FROZEN)
+    grads = jax.tree.map(jnp.ones_like, tree)
+    updates, _ = tx.update(grads, tx.init(tree), tree)
+    student = updates.get('student', updates)
+    assert float(jnp.abs(student['classifier']['kernel']).max()) == 0.0
+    np.testing.assert_allclose(student['conv']['kernel'], -0.5 * 1.1)  # -lr (g + wd p)
+    if 'connector' in updates:
+      np.testing.assert_allclose(updates['connector']['regressor'], -0.55)
 
 
 def test_dkd_warms_up_linearly_over_its_epochs():
@@ -276,9 +323,10 @@ def test_learned_objective_is_the_connector_loss_weighted(teacher_dir, method, p
     # The release's CC of the two heads' outputs (both heads learn through it).
     delta = np.abs(np.asarray(heads['student_head'], np.float64) - np.asarray(heads['teacher_head']))
     own = np.mean(np.sum(delta[:-1] * delta[1:], axis=1))
-  learned, _ = methods_lib.make_connector(method).apply(
+  (learned, memory), _ = methods_lib.make_connector(config.distill).apply(
       c, points, t_points, sown['intermediates']['embedding'][0],
       t_sown['intermediates']['embedding'][0], train=True, mutable=['batch_stats'])
+  assert memory is None
   np.testing.assert_allclose(learned, own, rtol=2e-5)
   loss, terms = steps_lib.make_loss(config.distill)(logits, labels, points, t_logits, t_points,
                                                       learned=learned)
@@ -292,18 +340,54 @@ def test_learned_objective_is_the_connector_loss_weighted(teacher_dir, method, p
 def test_cc_trains_both_heads():
   """As the release: the teacher-side head learns through CC too (the teacher's embedding
   itself is a constant of the step)."""
-  connector = methods_lib.make_connector('cc')
+  connector = methods_lib.make_connector(config_lib.distill_section('cc'))
   rng = np.random.default_rng(0)
   emb, t_emb = jnp.asarray(rng.normal(size=(6, 32))), jnp.asarray(rng.normal(size=(6, 64)))
   variables = connector.init(jax.random.key(0), [], [], emb, t_emb, train=False)
-  grads = jax.grad(lambda p: connector.apply({'params': p}, [], [], emb, t_emb, train=True))(
+  grads = jax.grad(lambda p: connector.apply({'params': p}, [], [], emb, t_emb, train=True)[0])(
       variables['params'])
   for head in ('student_head', 'teacher_head'):
     assert float(jnp.abs(grads[head]['linear']['kernel']).sum()) > 0
 
 
+def test_crd_connector_is_the_heads_the_bank_and_its_update():
+  """CRD's connector: two normalised heads, negatives drawn with the given key, the
+  release's loss against the bank (connectors.crd_loss, checked against a NumPy rendering
+  of RepDistiller in test_connectors) and the bank's momentum update of the batch's rows;
+  both heads learn, the padding rows and the other rows stay."""
+  from distill_jax import connectors  # pylint: disable=g-import-not-at-top
+  connector = methods_lib.make_connector(_distill_section('crd', nce_k=7, nce_t=0.1, nce_m=0.3))
+  rng = np.random.default_rng(3)
+  emb, t_emb = jnp.asarray(rng.normal(size=(4, 6))), jnp.asarray(rng.normal(size=(4, 10)))
+  classes = np.arange(30) % 3
+  memory = methods_lib.init_memory(jax.random.key(1), classes, num_shards=8)
+  assert memory['student'].shape == (32, connectors.FEAT_DIM)
+  index, key = jnp.asarray([3, 17, 5, 28]), jax.random.key(9)
+  labels = jnp.asarray(classes[[3, 17, 5, 28]])
+  variables = connector.init(jax.random.key(0), [], [], emb, t_emb, train=False)
+  (loss, new), _ = connector.apply(variables, [], [], emb, t_emb, train=True, memory=memory,
+                                   labels=labels, index=index, key=key, mutable=['batch_stats'])
+  heads = [connectors.NormalizedEmbed().apply({'params': variables['params'][k]}, x)
+           for k, x in (('student_head', emb), ('teacher_head', t_emb))]
+  contrast = connectors.sample_negatives(key, labels, index, classes, 7)
+  assert not np.isin(np.asarray(contrast[:, 1:]), np.arange(30, 32)).any()  # no padding rows
+  want, z = connectors.crd_loss(*heads, memory, index, contrast, nce_t=0.1, num_examples=30)
+  np.testing.assert_allclose(loss, want, rtol=1e-6)
+  updated = connectors.update_crd_memory({**memory, **z}, index, *heads, nce_m=0.3)
+  for name in ('student', 'teacher', 'z_student', 'z_teacher'):
+    np.testing.assert_allclose(new[name], updated[name], rtol=1e-6)
+  others = np.setdiff1d(np.arange(32), np.asarray(index))
+  np.testing.assert_array_equal(new['student'][others], memory['student'][others])
+  assert float(new['z_student']) > 0 and float(memory['z_student']) == connectors.Z_UNSET
+  grads = jax.grad(lambda p: connector.apply(
+      {'params': p}, [], [], emb, t_emb, train=True, memory=memory, labels=labels, index=index,
+      key=key)[0])(variables['params'])
+  for head in ('student_head', 'teacher_head'):
+    assert float(jnp.abs(grads[head]['linear']['kernel']).sum()) > 0
+
+
 @pytest.mark.e2e
-@pytest.mark.parametrize('method', ['fitnet', 'kd_vid', 'cc'])
+@pytest.mark.parametrize('method', ['fitnet', 'kd_vid', 'cc', 'crd'])
 def test_learned_methods_train_and_resume_exactly(teacher_dir, tmp_path, monkeypatch, method):
   """Stopped at step 25 and resumed, a learned method ends as the uninterrupted run: the
   connector is checkpointed with the student (and not counted in its parameters), it
@@ -311,6 +395,8 @@ def test_learned_methods_train_and_resume_exactly(teacher_dir, tmp_path, monkeyp
   config = tiny_distill_config(method, teacher_workdir=teacher_dir)
   config.num_epochs = 1
   config.checkpoint_every_steps = 40
+  if method == 'crd':
+    config.num_devices = 8  # the bank's rows sharded over 8 devices
   whole = jobs.run(config, str(tmp_path / 'whole'))
   signal_at(monkeypatch, 25, signal.SIGTERM)
   with pytest.raises(loop.Stopped):
@@ -340,10 +426,65 @@ def test_learned_methods_train_and_resume_exactly(teacher_dir, tmp_path, monkeyp
   rows = [json.loads(line) for line in open(tmp_path / 'whole' / 'metrics.jsonl')]
   term = method.removeprefix('kd_')
   assert all(np.isfinite(r[f'train_{term}']) for r in rows if f'train_{term}' in r)
+  if method != 'crd':
+    assert saved['whole'].get('memory') is None
+    return
+  # CRD's bank: checkpointed, resumed exactly, updated (Z set once), sharded by rows.
+  jax.tree.map(np.testing.assert_array_equal, saved['whole']['memory'], saved['stopped']['memory'])
+  state = train_lib.build_run(config, teacher=teacher).state
+  assert state.memory['student'].sharding.spec == jax.sharding.PartitionSpec('data')
+  assert len(state.memory['student'].addressable_shards) == 8
+  first = jax.device_get(state.memory)
+  memory = saved['whole']['memory']
+  assert float(first['z_student']) < 0 < float(memory['z_student'])
+  changed = np.any(memory['student'] != first['student'], axis=1)
+  steps = whole['steps']
+  assert changed[:steps * config.batch_size].sum() >= 0.9 * min(
+      steps * config.batch_size, len(memory['class_of_example']))
+  assert not changed[len(memory['class_of_example']):].any()  # padding rows never written
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize('method', ['fsp', 'kd_fitnet'])
+def test_initialisation_stage_then_main_training(teacher_dir, tmp_path, monkeypatch, method):
+  """distill.init_epochs: stage 1 (WORKDIR/init_stage) trains all but the classifier on the
+  method's loss (FitNets with its regressor), the main training starts from its weights
+  without the method's term (and without the regressor)."""
+  config = tiny_distill_config(method, teacher_workdir=teacher_dir, init_epochs=1)
+  config.num_epochs = 1
+  config.model.widen_factor = 2  # FSP: the teacher's channels at every point
+  calls = []
+  original = train_lib.train_and_evaluate
+
+  def recording(cfg, workdir, **kwargs):
+    calls.append((workdir, kwargs.get('stage', 'main'), kwargs.get('initial_variables')))
+    return original(cfg, workdir, **kwargs)
+  monkeypatch.setattr(train_lib, 'train_and_evaluate', recording)
+  workdir = tmp_path / 'run'
+  results = jobs.run(config, str(workdir))
+  init_dir = workdir / train_lib.INIT_SUBDIR
+  assert [(w, st) for w, st, _ in calls] == [(str(init_dir), 'init'), (str(workdir), 'main')]
+  stage = teacher_lib.load_teacher(config.model, str(init_dir), SHAPE).variables
+  jax.tree.map(np.testing.assert_array_equal, calls[1][2], stage)  # main starts from stage 1
+  teacher = teacher_lib.load_teacher(config.distill.teacher_model, teacher_dir, SHAPE)
+  initial = jax.device_get(train_lib.build_run(config, teacher=teacher).state.params)
+  np.testing.assert_array_equal(stage['params']['classifier']['kernel'],
+                                initial['classifier']['kernel'])  # frozen in stage 1
+  assert not np.array_equal(stage['params']['stem']['kernel'], initial['stem']['kernel'])
+  term = method.removeprefix('kd_')
+  init_rows = [json.loads(line) for line in open(init_dir / 'metrics.jsonl')]
+  rows = [json.loads(line) for line in open(workdir / 'metrics.jsonl')]
+  assert any(f'train_{term}' in r for r in init_rows)
+  assert not any(f'train_{term}' in r for r in rows)
+  assert ('train_kd' in rows[0]) == method.startswith('kd_') and 'train_ce' in rows[0]
+  with ocp.CheckpointManager(ckpt_lib.checkpoint_dir(str(workdir))) as manager:
+    assert manager.restore(manager.latest_step()).get('connector') is None
+  assert 'connector_params' not in results and results['test_top1_error'] < 0.9
 
 
 @pytest.mark.parametrize('student, teacher, method', [
-    ('darts', 'wrn', 'fitnet'), ('densenet_bc', 'darts', 'vid'), ('wrn', 'densenet_bc', 'cc')])
+    ('darts', 'wrn', 'fitnet'), ('densenet_bc', 'darts', 'vid'), ('wrn', 'densenet_bc', 'cc'),
+    ('darts', 'densenet_bc', 'crd')])
 def test_learned_methods_fit_every_network_family(student, teacher, method):
   """Each family as student and as teacher: the connector is built for their points and
   embeddings and the training step traces (shapes only, no compile)."""

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, load_config, unread
+from distill_jax import config_lib
 from distill_jax import jobs
 from distill_jax import validation
 from distill_jax.experiments import grid
@@ -44,7 +45,7 @@ def test_grid_has_teachers_students_and_pairs_in_order(tmp_path):
   assert pair.needs == (pair.config.distill.teacher_workdir,)
   assert pair.config.distill.teacher_workdir == str(tmp_path / 'teachers' / 'wrn_40_2' / 'seed0')
   assert pair.config.seed == 0 and pair.config.model.name == 'wrn'
-  assert pair.teacher == 'WRN-16-2' and pair.student == 'WRN-10-1'  # demo stand-ins
+  assert pair.teacher == 'WRN-16-2' and pair.student == 'WRN-10-2'  # demo stand-ins
   runs_lib.validate_runs(runs)
   lone = runs[1]
   assert lone.config.job == 'train' and 'distill' not in lone.config
@@ -120,9 +121,9 @@ def test_report_means_and_sample_stds(tmp_path):
   markdown = runs_lib.write_report(runs, str(tmp_path), title='grid')
   assert ('| Teacher | Student | Top-1 Error | Top-5 Error | Teacher error | Teacher params | '
           'Student params | Seeds |') in markdown
-  assert '| N/A | WRN-10-1 | 13.00 ± 3.61 | 1.00 ± 1.00 | n/a | n/a | 7 | 3 |' in markdown
+  assert '| N/A | WRN-10-2 | 13.00 ± 3.61 | 1.00 ± 1.00 | n/a | n/a | 7 | 3 |' in markdown
   # The teacher (WRN-16-2, the demo stand-in of WRN-40-2) has its own error: 11, 13, 18.
-  assert '| WRN-16-2 | WRN-10-1 | 14.00 ± 3.61 | 1.00 ± 1.00 | 14.00 ± 3.61 | 7 | 7 | 3 |' in (
+  assert '| WRN-16-2 | WRN-10-2 | 14.00 ± 3.61 | 1.00 ± 1.00 | 14.00 ± 3.61 | 7 | 7 | 3 |' in (
       markdown)
   assert 'over 3 seeds (0, 1, 2)' in markdown
   with open(tmp_path / 'report_summary.csv') as f:
@@ -148,11 +149,13 @@ def test_tiny_sweep_end_to_end_and_rerun_is_a_no_op(tmp_path, unrecorded_validat
   never_read = unread(c, lambda c: results.update(jobs.run(c, str(tmp_path))),
                       prefixes=('run.',))
   # Every field of the grid config is read (darts_drop_path_prob only by DARTS runs, which
-  # this grid has none of; test_full_grid_names_the_papers_networks checks it reaches them).
-  assert never_read == ['darts_drop_path_prob']
+  # this grid has none of; test_full_grid_names_the_papers_networks checks it reaches them;
+  # CRD's fields only by CRD runs, refused for other methods).
+  assert never_read == ['darts_drop_path_prob', 'run.distill.nce_k', 'run.distill.nce_m',
+                        'run.distill.nce_t']
   report = results['report']
   text = open(report).read()
-  assert '| N/A | WRN-10-1 |' in text and '| WRN-16-2 | WRN-10-1 |' in text
+  assert '| N/A | WRN-10-2 |' in text and '| WRN-16-2 | WRN-10-2 |' in text
   # One seed: no std (n/a), the teacher's own error, which epoch, numeric CSVs.
   assert 'over 1 seed (0)' in text and 'after the final epoch (epoch 1)' in text
   assert ' ± n/a | n/a | n/a |' in text  # the lone student's row
@@ -198,11 +201,15 @@ def test_methods_demo_is_every_method_alone_for_one_pair(tmp_path):
   grid.validate(c)
   tasks = grid.tasks(c, str(tmp_path))
   pairs = [t for t in tasks if t.needs]
-  assert set(c.methods) == {'kd', 'at', 'kd_at', 'hard', 'sp', 'nst', 'rkd', 'pkt', 'dkd',
-                            'dist', 'fitnet', 'vid', 'cc'}
+  assert set(c.methods) == {'kd', 'at', 'kd_at', 'hard', 'sp', 'nst', 'fsp', 'rkd', 'pkt',
+                            'dkd', 'dist', 'fitnet', 'vid', 'cc', 'crd'}
   assert len(tasks) == 2 * 2 + len(pairs) and len(pairs) == 2 * len(c.methods)
+  recipes = {'dkd': ('warmup_epochs', 1.0), 'fsp': ('init_epochs', 1), 'crd': ('nce_k', 512)}
   for t in pairs:
     assert t.config.distill.method == t.method and t.config.distill.beta is None
+    for method, (field, value) in recipes.items():  # each method's recipe, demo-sized
+      default = config_lib.distill_section()[field]
+      assert t.config.distill[field] == (value if t.method == method else default)
     assert t.path == str(tmp_path / 'pairs' / f'wrn_40_2__wrn_16_2__{t.method}' / f'seed{t.seed}')
   # Without a sweep, the pairs' paths and names are the grid's of old.
   plain = [t for t in grid.tasks(grid_config(), str(tmp_path)) if t.needs]
@@ -227,8 +234,8 @@ def test_a_methods_sweep_reports_a_method_column(tmp_path):
   text = open(jobs.run(c, str(tmp_path))['report']).read()
   assert '# Teacher × student × method' in text
   assert '| Teacher | Student | Method | Top-1 Error |' in text
-  for row in ('| N/A | WRN-10-1 | n/a |', '| WRN-16-2 | WRN-10-1 | kd |',
-              '| WRN-16-2 | WRN-10-1 | fitnet |'):
+  for row in ('| N/A | WRN-10-2 | n/a |', '| WRN-16-2 | WRN-10-2 | kd |',
+              '| WRN-16-2 | WRN-10-2 | fitnet |'):
     assert row in text
   with open(tmp_path / 'report_summary.csv') as f:
     summary = list(csv.DictReader(f))

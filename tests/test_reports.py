@@ -124,7 +124,7 @@ def test_teacher_params_that_differ_by_seed_show_a_range(tmp_path):
 
 def test_display_names_are_the_networks_own_sizes():
   demo, paper = config_lib.DEMO_NETWORKS, config_lib.NETWORKS
-  assert runs.display_name(demo['wrn_16_2']) == 'WRN-10-1'
+  assert runs.display_name(demo['wrn_16_2']) == 'WRN-10-2'
   assert runs.display_name(demo['densenet_bc_100_12']) == 'DenseNet-BC-16-6'
   assert runs.display_name(demo['darts_v1_10']) == 'DARTS_V1-5-C4'
   assert runs.display_name(demo['darts_v1_25']) == 'DARTS_V1-8-C8'
@@ -147,9 +147,9 @@ def test_demo_grid_report_names_the_stand_ins(tmp_path):
     finish(t.path, 0.1)
   grid.run(c, str(tmp_path), JobOptions(mode='report'))
   text = open(tmp_path / 'report.md').read()
-  assert '| WRN-16-2 | WRN-10-1 |' in text and '| N/A | WRN-10-1 |' in text
+  assert '| WRN-16-2 | WRN-10-2 |' in text and '| N/A | WRN-10-2 |' in text
   assert ('Demo stand-ins (config.demo_networks=True)' in text
-          and 'wrn_16_2 → WRN-10-1 (paper: WRN-16-2)' in text)
+          and 'wrn_16_2 → WRN-10-2 (paper: WRN-16-2)' in text)
   assert 'WRN-40-2' not in text.split('|', 1)[1]  # the paper's names only in the note
 
 

@@ -23,7 +23,7 @@ Z_UNSET = -1.0
 
 
 def init_crd_memory(key: jax.Array, num_examples: int,
-                    dim: int = FEAT_DIM) -> dict[str, jax.Array]:
+                    dim: int = FEAT_DIM, *, rows: int | None = None) -> dict[str, jax.Array]:
   r"""CRD's memory bank of one embedding per training example and network.
 
   As ``ContrastMemory`` in RepDistiller ``crd/memory.py``: both banks drawn
@@ -36,20 +36,32 @@ def init_crd_memory(key: jax.Array, num_examples: int,
     key: a PRNG key.
     num_examples: ``N``, the size of the training set (indices are ``0 .. N-1``).
     dim: ``D``, the heads' width.
+    rows: the banks' rows, at least ``N`` (default ``N``): rows past ``N`` are padding
+      (e.g. to a multiple of the devices the banks are sharded over), drawn like the
+      others, never sampled or updated; give :func:`crd_loss` ``num_examples=N`` then.
+      Row ``i < N`` is the same for any ``rows``.
 
   Returns:
-    ``{'student': (N, D), 'teacher': (N, D), 'z_student': (), 'z_teacher': ()}``,
+    ``{'student': (R, D), 'teacher': (R, D), 'z_student': (), 'z_teacher': ()}``,
     float32. ``'student'`` holds student embeddings (the release's ``memory_v1``) and
     ``'teacher'`` teacher ones (``memory_v2``); ``'z_student'`` normalises the scores
     anchored on the student's embedding (``Z_v1``), ``'z_teacher'`` those anchored on
     the teacher's (``Z_v2``).
   """
   bound = 1.0 / math.sqrt(dim / 3.0)
+  rows = int(num_examples) if rows is None else int(rows)
+  if rows < num_examples:
+    raise ValueError(f'init_crd_memory: rows={rows} must be at least num_examples='
+                     f'{num_examples}.')
   k_s, k_t = jax.random.split(key)
-  shape = (int(num_examples), int(dim))
+
+  def bank(k):  # row i from its own key: padding does not change the first N rows
+    keys = jax.random.split(k, rows)
+    return jax.vmap(lambda r: jax.random.uniform(r, (int(dim),), jnp.float32, -bound, bound))(keys)
+
   return {
-      'student': jax.random.uniform(k_s, shape, jnp.float32, -bound, bound),
-      'teacher': jax.random.uniform(k_t, shape, jnp.float32, -bound, bound),
+      'student': bank(k_s),
+      'teacher': bank(k_t),
       'z_student': jnp.asarray(Z_UNSET, jnp.float32),
       'z_teacher': jnp.asarray(Z_UNSET, jnp.float32),
   }
@@ -249,20 +261,23 @@ def crd_loss(
     contrast_indices: ``(B, K + 1)`` indices, positive first, ``K >= 1``.
     nce_t: the temperature :math:`T` (may be traced).
     num_examples: ``N`` of :math:`P_n` and Z; ``None``: the banks' rows, which is what
-      the release uses (both are its ``n_data``).
+      the release uses (both are its ``n_data``). Fewer than the banks' rows when they
+      carry padding rows (:func:`init_crd_memory` ``rows``); those are never read.
 
   Returns:
     ``(loss, {'z_student': Z^s, 'z_teacher': Z^t})``: a scalar, float32 for inputs of
     at most 32 bits, and the constants used.
 
   Raises:
-    ValueError: on inconsistent shapes or a ``num_examples`` that is not the banks'.
+    ValueError: on inconsistent shapes or a ``num_examples`` beyond the banks' rows.
   """
   bank_s, bank_t = _check_memory(memory, 'crd_loss')
   n, d = bank_s.shape
-  if num_examples is not None and int(num_examples) != n:
-    raise ValueError(f'crd_loss: num_examples={num_examples} but the memory banks have '
-                     f'{n} rows.')
+  if num_examples is not None:
+    if not 1 <= int(num_examples) <= n:
+      raise ValueError(f'crd_loss: num_examples={num_examples} but the memory banks have '
+                       f'{n} rows.')
+    n = int(num_examples)
   s = _as_float(student_emb)
   t = _as_float(teacher_emb)
   _check_embeddings(s, t, d, 'crd_loss')

@@ -26,6 +26,7 @@ from absl import logging
 import jax
 import ml_collections
 
+from distill_jax import config_lib
 from distill_jax import data as data_lib
 from distill_jax import validation
 from distill_jax.experiments import runs
@@ -71,7 +72,7 @@ def tasks(config: ml_collections.ConfigDict, workdir: str) -> list[runs.Task]:
         for method in config.methods or ('',):
           cfg = run_config(s, seed, teacher_model=models[t], teacher_workdir=teacher_dir)
           if method:
-            cfg.distill.method = method
+            config_lib.set_method(cfg.distill, method, demo=config.demo_networks)
           out.append(task(
               f'{t} -> {s}{f" by {method}" if method else ""} seed {seed}',
               os.path.join(workdir, 'pairs', f'{t}__{s}' + (f'__{method}' if method else ''),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
@@ -33,6 +34,23 @@ def make_optimizer(opt: ml_collections.ConfigDict, schedule: optax.Schedule) -> 
     parts.append(optax.add_decayed_weights(opt.weight_decay))
   parts.append(optax.sgd(schedule, momentum=opt.momentum or None, nesterov=opt.nesterov))
   return optax.chain(*parts)
+
+
+def freeze_modules(tx: optax.GradientTransformation, modules: tuple[str, ...]
+                   ) -> optax.GradientTransformation:
+  """``tx`` on every parameter except those of the top-level ``modules`` (of the
+  network's ``params``, or of its ``'student'`` entry beside a connector's), which get
+  no update at all (no weight decay either)."""
+  frozen = set(modules)
+
+  def labels(tree):
+    def label(path, _):
+      keys = [getattr(k, 'key', None) for k in path[:2]]
+      top = keys[1] if keys[0] == 'student' else keys[0]
+      return 'frozen' if top in frozen else 'train'
+    return jax.tree_util.tree_map_with_path(label, tree)
+
+  return optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()}, labels)
 
 
 def make_drop_path_schedule(drop_path_prob: float, *, steps_per_epoch: int,

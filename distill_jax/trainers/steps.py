@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -35,7 +36,10 @@ class TrainState:
   ``connector``: the ``{'params', 'batch_stats'}`` of a method's learned part
   (:class:`distill_jax.trainers.methods.Connector`), None without one; it is trained
   with ``params`` by the same optimiser (``opt_state`` is then that of
-  ``{'student': params, 'connector': connector['params']}``).
+  ``{'student': params, 'connector': connector['params']}``). ``memory``: a method's
+  memory of the training set (CRD's banks, :func:`distill_jax.trainers.methods.init_memory`),
+  None without one; its banks are sharded over the devices by rows
+  (:func:`state_shardings`).
   """
   step: jax.Array
   params: Any
@@ -43,6 +47,7 @@ class TrainState:
   opt_state: Any
   rng: jax.Array
   connector: Any = None
+  memory: Any = None
 
   def trainable(self) -> Any:
     """What the optimiser updates: ``params``, or the student's and connector's."""
@@ -66,14 +71,17 @@ def make_normalize(mean: Sequence[float], std: Sequence[float]
   return functools.partial(data_lib.normalize, mean=tuple(mean), std=tuple(std))
 
 
-def make_loss(distill: ml_collections.ConfigDict | None, steps_per_epoch: int = 1
-              ) -> Callable[..., tuple[jax.Array, dict]]:
+def make_loss(distill: ml_collections.ConfigDict | None, steps_per_epoch: int = 1,
+              stage: str = 'main') -> Callable[..., tuple[jax.Array, dict]]:
   """``loss(logits, labels, points, teacher_logits, teacher_points, *, embeddings=None,
   step=0) -> (loss, terms)``: :func:`distill_jax.losses.distillation_loss` with
   ``config.distill``'s method and weights bound, or a method of
   :data:`distill_jax.trainers.methods.ZOO` (cross-entropy alone without a ``distill``
   section). ``embeddings``: the student's and teacher's ``intermediates/embedding``, for
-  the methods that read them; ``step``: the training step (DKD's warm-up)."""
+  the methods that read them; ``step``: the training step (DKD's warm-up). ``stage='init'``:
+  the initialisation stage's loss (:func:`distill_jax.trainers.methods.make_init_loss`)."""
+  if stage == 'init':
+    return methods_lib.make_init_loss(distill)
   if distill is None:
     return _only_used_terms(functools.partial(losses.distillation_loss, method='none'), 'none')
   if methods_lib.zoo_method(distill.method):
@@ -101,16 +109,39 @@ def _only_used_terms(loss_fn: Callable, method: str) -> Callable:
 
 
 def create_train_state(variables: dict, tx: optax.GradientTransformation, seed: int,
-                       connector: dict | None = None) -> TrainState:
+                       connector: dict | None = None, memory: dict | None = None
+                       ) -> TrainState:
   """A fresh state at step 0 from ``{'params', 'batch_stats'}`` (host or device arrays)
-  and, for a method with a learned part, its ``{'params', 'batch_stats'}``."""
+  and, for a method with a learned part, its ``{'params', 'batch_stats'}`` and memory."""
   params = variables['params']
   if connector is not None:
     connector = {'params': connector['params'], 'batch_stats': connector.get('batch_stats', {})}
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                      batch_stats=variables.get('batch_stats', {}), opt_state=None,
-                     rng=jax.random.PRNGKey(seed), connector=connector)
+                     rng=jax.random.PRNGKey(seed), connector=connector, memory=memory)
   return state.replace(opt_state=tx.init(state.trainable()))
+
+
+def state_shardings(state: TrainState, mesh: Mesh) -> TrainState:
+  """The sharding of each array of ``state``: replicated, except the memory's banks
+  (:data:`distill_jax.trainers.methods.MEMORY_ROWS`), whose rows are split over
+  ``'data'`` like a batch."""
+  replicated = NamedSharding(mesh, P())
+  rows = NamedSharding(mesh, P(data_lib.DATA_AXIS))
+
+  def pick(path, _):
+    keys = [getattr(k, 'name', getattr(k, 'key', None)) for k in path]
+    return rows if keys[:1] == ['memory'] and keys[-1] in methods_lib.MEMORY_ROWS else replicated
+  return jax.tree_util.tree_map_with_path(pick, state)
+
+
+def place_state(state: TrainState, mesh: Mesh) -> TrainState:
+  """A host (or device) state placed on ``mesh`` by :func:`state_shardings` (every
+  process holds the whole state and gives each of its devices its part)."""
+  def put(x, sharding):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+  return jax.tree.map(put, state, state_shardings(state, mesh))
 
 
 def _topk_errors(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -134,11 +165,13 @@ def train_step(state: TrainState, batch: dict, teacher: dict | None, *, model: n
   ``drop_path`` (:func:`distill_jax.trainers.optim.make_drop_path_schedule`) gives a DARTS
   network's drop-path probability per step; ``aux_weight`` weighs the auxiliary head;
   ``embeddings``: pass both networks' sown embeddings to ``loss_fn`` (RKD, PKT, CC);
-  ``connector_model``: the method's learned part, applied to ``state.connector`` with its
-  loss passed to ``loss_fn`` as ``learned`` and its parameters trained with the student's.
+  ``connector_model``: the method's learned part, applied to ``state.connector`` (and
+  ``state.memory``, with the batch's ``'index'``) with its loss passed to ``loss_fn`` as
+  ``learned`` and its parameters trained with the student's.
   """
   step_rng = jax.random.fold_in(state.rng, state.step)
   aug_rng, dropout_rng = jax.random.split(step_rng)
+  memory_rng = jax.random.fold_in(step_rng, 2)  # CRD's negatives
   images = augment(batch['image'], aug_rng)
   labels = batch['label']
 
@@ -162,12 +195,13 @@ def train_step(state: TrainState, batch: dict, teacher: dict | None, *, model: n
         rngs={'dropout': dropout_rng}, mutable=mutable, **kwargs)
     pair = ((new_vars[names.INTERMEDIATES][names.EMBEDDING][0], teacher_embedding)
             if embeddings else None)
-    learned, connector = None, state.connector
+    learned, connector, memory = None, state.connector, state.memory
     if connector_model is not None:
-      learned, connector_vars = connector_model.apply(
+      (learned, memory), connector_vars = connector_model.apply(
           {'params': trainable['connector'], 'batch_stats': connector['batch_stats']},
           points, teacher_points, *(pair or (None, None)), train=True,
-          mutable=['batch_stats'])
+          mutable=['batch_stats'], memory=memory, labels=labels, index=batch.get('index'),
+          key=memory_rng)
       connector = {'params': trainable['connector'],
                    'batch_stats': connector_vars.get('batch_stats', {})}
     loss, terms = loss_fn(logits, labels, points, teacher_logits, teacher_points,
@@ -177,10 +211,10 @@ def train_step(state: TrainState, batch: dict, teacher: dict | None, *, model: n
       (aux_logits,) = new_vars[names.INTERMEDIATES][names.AUX_LOGITS]
       terms['aux'] = losses.cross_entropy(aux_logits, labels)
       loss = loss + aux_weight * terms['aux']
-    return loss, (logits, new_vars['batch_stats'], connector, terms)
+    return loss, (logits, new_vars['batch_stats'], connector, memory, terms)
 
   trainable = state.trainable()
-  (loss, (logits, batch_stats, connector, terms)), grads = jax.value_and_grad(
+  (loss, (logits, batch_stats, connector, memory, terms)), grads = jax.value_and_grad(
       objective, has_aux=True)(trainable)
   updates, opt_state = tx.update(grads, state.opt_state, trainable)
   trained = optax.apply_updates(trainable, updates)
@@ -197,7 +231,7 @@ def train_step(state: TrainState, batch: dict, teacher: dict | None, *, model: n
     metrics['teacher_agreement'] = jnp.mean(
         (logits.argmax(-1) == teacher_logits.argmax(-1)).astype(jnp.float32))
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                            opt_state=opt_state, connector=connector)
+                            opt_state=opt_state, connector=connector, memory=memory)
   return new_state, metrics
 
 
@@ -232,17 +266,19 @@ def compile_steps(*, mesh: Mesh, model: nn.Module, tx: optax.GradientTransformat
                   schedule: optax.Schedule, augment: Callable, normalize: Callable,
                   loss_fn: Callable, drop_path: optax.Schedule | None = None,
                   aux_weight: float = 0.0, teacher_model: nn.Module | None = None,
-                  embeddings: bool = False, connector_model: nn.Module | None = None
-                  ) -> tuple[Callable, Callable]:
-  """``train_step`` and ``eval_step`` jitted over ``mesh``: state replicated, batch on
-  ``'data'``, the state donated."""
+                  embeddings: bool = False, connector_model: nn.Module | None = None,
+                  state_sharding: Any = None) -> tuple[Callable, Callable]:
+  """``train_step`` and ``eval_step`` jitted over ``mesh``: the state as
+  ``state_sharding`` (:func:`state_shardings`; default replicated), batch on ``'data'``,
+  the state donated."""
   replicated = NamedSharding(mesh, P())
   train = jax.jit(
       functools.partial(train_step, model=model, tx=tx, schedule=schedule, augment=augment,
                         loss_fn=loss_fn, drop_path=drop_path, aux_weight=aux_weight,
                         teacher_model=teacher_model, embeddings=embeddings,
                         connector_model=connector_model),
-      out_shardings=(replicated, replicated), donate_argnums=(0,))
+      out_shardings=(replicated if state_sharding is None else state_sharding, replicated),
+      donate_argnums=(0,))
   evaluate = jax.jit(functools.partial(eval_step, model=model, normalize=normalize,
                                        teacher_model=teacher_model),
                      out_shardings=replicated)

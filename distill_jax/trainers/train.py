@@ -37,6 +37,7 @@ from distill_jax.trainers import workdir as workdir_lib
 from distill_jax.trainers.teacher import Teacher
 
 TEACHER_SUBDIR = 'teacher'
+INIT_SUBDIR = 'init_stage'  # a distillation's initialisation stage (FSP, FitNets)
 
 
 @dataclasses.dataclass
@@ -58,11 +59,13 @@ class Run:
 
 def build_run(config: ml_collections.ConfigDict, *, teacher: Teacher | None = None,
               dataset: data_lib.Dataset | None = None,
-              initial_variables: dict | None = None) -> Run:
+              initial_variables: dict | None = None, stage: str = 'main') -> Run:
   """Validates the config, loads data, builds the model, state and jitted steps.
 
   ``initial_variables`` (``{'params', 'batch_stats'}``, e.g. a grown network's) replace
-  the random initialisation; their shapes must fit ``config.model``.
+  the random initialisation; their shapes must fit ``config.model``. ``stage='init'``:
+  a distillation's initialisation stage (:func:`init_stage_config`): the method's loss
+  alone, the classifiers frozen.
   """
   validation.validate_train_config(config)
   mesh = data_lib.make_mesh(config.num_devices)
@@ -91,25 +94,33 @@ def build_run(config: ml_collections.ConfigDict, *, teacher: Teacher | None = No
   schedule = optim.make_schedule(config.optimizer, steps_per_epoch=steps_per_epoch,
                                  num_train_steps=num_train_steps)
   tx = optim.make_optimizer(config.optimizer, schedule)
-  connector_model = methods_lib.make_connector(config.distill.method) if teacher else None
-  connector = None
+  if stage == 'init':
+    tx = optim.freeze_modules(tx, methods_lib.INIT_FROZEN)
+  connector_model = methods_lib.make_connector(config.distill, stage) if teacher else None
+  connector = memory = None
   if connector_model is not None:
     connector = methods_lib.init_connector(
         connector_model, jax.random.fold_in(jax.random.PRNGKey(config.seed), 1), model,
         teacher.model, input_shape)
-  state = data_lib.replicate(
-      steps_lib.create_train_state(variables, tx, config.seed, connector=connector), mesh)
+    if methods_lib.has_memory(config.distill.method):
+      memory = methods_lib.init_memory(jax.random.fold_in(jax.random.PRNGKey(config.seed), 2),
+                                       dataset.train_labels, mesh.size)
+  host_state = steps_lib.create_train_state(variables, tx, config.seed, connector=connector,
+                                            memory=memory)
+  state = steps_lib.place_state(host_state, mesh)
   train_step, eval_step = steps_lib.compile_steps(
       mesh=mesh, model=model, tx=tx, schedule=schedule,
       augment=steps_lib.make_augment(config.data, dataset.mean, dataset.std),
       normalize=steps_lib.make_normalize(dataset.mean, dataset.std),
-      loss_fn=steps_lib.make_loss(config.get('distill') if teacher else None, steps_per_epoch),
+      loss_fn=steps_lib.make_loss(config.get('distill') if teacher else None, steps_per_epoch,
+                                  stage),
       drop_path=optim.make_drop_path_schedule(config.drop_path_prob,
                                               steps_per_epoch=steps_per_epoch,
                                               num_epochs=config.num_epochs),
       aux_weight=config.aux_weight, teacher_model=teacher.model if teacher else None,
       embeddings=bool(teacher) and methods_lib.reads(config.distill.method) == 'embedding',
-      connector_model=connector_model)
+      connector_model=connector_model,
+      state_sharding=steps_lib.state_shardings(host_state, mesh))
   return Run(config=config, mesh=mesh, data=data_lib.DeviceData.create(dataset, mesh),
              model=model, state=state, train_step=train_step, eval_step=eval_step,
              teacher_variables=data_lib.replicate(teacher.variables, mesh) if teacher else None,
@@ -140,7 +151,8 @@ def _finished(workdir: str) -> dict[str, Any] | None:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        teacher: Teacher | None = None,
-                       initial_variables: dict | None = None) -> dict[str, Any]:
+                       initial_variables: dict | None = None,
+                       stage: str = 'main') -> dict[str, Any]:
   """Trains ``config.model`` on ``config.data``; resumes from ``workdir``; returns results.
 
   With ``teacher``, the student learns under ``config.distill`` against the frozen
@@ -148,7 +160,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   locked while training, and its recorded config must match (:mod:`workdir
   <distill_jax.trainers.workdir>`); a finished run with the same config is not redone.
   SIGTERM or SIGINT save a checkpoint after the step in flight and raise
-  :class:`~distill_jax.trainers.loop.Stopped`.
+  :class:`~distill_jax.trainers.loop.Stopped`. ``stage``: as :func:`build_run`.
   """
   start_time = time.time()
   workdir = workdir_lib.prepare(workdir)
@@ -159,7 +171,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       logging.info('%s has finished already with this config (test top-1 error %.2f%%); '
                    'nothing to do.', workdir, 100 * done.get('test_top1_error', float('nan')))
       return done
-    run = build_run(config, teacher=teacher, initial_variables=initial_variables)
+    run = build_run(config, teacher=teacher, initial_variables=initial_variables, stage=stage)
     return _train(run, workdir, start_time, finished=done)
 
 
@@ -275,6 +287,18 @@ def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   return c
 
 
+def init_stage_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config of a distillation's initialisation stage (``distill.init_epochs > 0``):
+  ``init_epochs`` epochs at the constant ``optimizer.learning_rate`` with a fresh SGD of
+  the same momentum and weight decay, as RepDistiller's ``helper/pretrain.py``; the rest
+  as ``config``. It trains in ``WORKDIR/init_stage`` with ``stage='init'``."""
+  c = copy.deepcopy(config)
+  with c.unlocked():
+    c.num_epochs = config.distill.init_epochs
+    c.optimizer.schedule = 'constant'
+  return c
+
+
 def load_run_teacher(config: ml_collections.ConfigDict, workdir: str, *,
                      train_missing: bool = True) -> Teacher | None:
   """The frozen teacher of a distillation config (``None`` for ``method='none'``).
@@ -300,13 +324,23 @@ def load_run_teacher(config: ml_collections.ConfigDict, workdir: str, *,
 def run(config: ml_collections.ConfigDict, workdir: str,
         options: JobOptions = JobOptions()) -> dict[str, Any]:
   """Trains (``mode='train'``, resuming) or scores (``'evaluate'``, ``'report'``) one network,
-  against its frozen teacher when the config distils."""
+  against its frozen teacher when the config distils; with ``distill.init_epochs``, its
+  initialisation stage first (in ``WORKDIR/init_stage``, resumed or found finished like
+  any run), the main training then starting from its weights."""
   validate(config)
   if options.num_shards > 1:
     raise validation.ConfigError(
         f'--shard={options.shard}/{options.num_shards} is invalid for config.job={config.job!r}: '
         'a training run is one run; shard the grid or the pipeline instead')
   teacher = load_run_teacher(config, workdir, train_missing=options.mode == 'train')
-  if options.mode == 'train':
-    return train_and_evaluate(config, workdir, teacher=teacher)
-  return evaluate(config, workdir, teacher=teacher)
+  if options.mode != 'train':
+    return evaluate(config, workdir, teacher=teacher)
+  initial_variables = None
+  if teacher is not None and methods_lib.has_init_stage(config.distill):
+    init_dir = os.path.join(workdir, INIT_SUBDIR)
+    train_and_evaluate(init_stage_config(config), init_dir, teacher=teacher, stage='init')
+    shape = (1, *data_lib.dataset_info(config.data.name, config.data.data_dir or None)[1])
+    initial_variables = teacher_lib.load_teacher(config.model, init_dir, shape).variables
+    logging.info('Initialisation stage done in %s; training from its weights.', init_dir)
+  return train_and_evaluate(config, workdir, teacher=teacher,
+                            initial_variables=initial_variables)
