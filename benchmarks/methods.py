@@ -12,9 +12,12 @@ examples and the release's 16,384 negatives per example). FSP is timed with its 
 step (``init_epochs=0``): with the release's recipe its cost is confined to the
 initialisation stage, whose step is the same networks with the FSP loss alone. The teacher's
 weights are random (the cost does not depend on them); the data are random CIFAR-sized
-images registered as a dataset. Reported per method: compile seconds, the median of
-``--repeats`` waited-for steps, images/s and the step time relative to KD's (the target of
-the zoo: at most 1.10 for a method without a memory bank, 1.3 for CRD).
+images registered as a dataset. Every method is compiled first, then the steps are timed
+in rounds, one step of each method per round (a machine whose speed drifts slows all
+methods alike). Reported per method: compile seconds, the median of ``--repeats``
+waited-for steps, images/s and the median over rounds of its step time over KD's in the
+same round (the zoo's target: at most 1.10 for a method without a memory bank, 1.3 for
+CRD).
 """
 
 import json
@@ -106,16 +109,22 @@ def make_runner(method: str, batch_size: int, toy: bool):
 
 
 def measure(methods, batch_size: int, repeats: int, toy: bool) -> list[dict]:
+  """Every method compiled first, then timed in rounds (one step of each method per
+  round), so a drift of the machine's speed falls on all methods alike; each method's
+  ratio to KD is the median over rounds of its step over KD's step of the same round."""
+  runners = {m: make_runner(m, batch_size, toy) for m in methods}
+  times = {m: [] for m in methods}
+  for _ in range(repeats):
+    for method, (_, step, _) in runners.items():
+      times[method].append(step())
   rows = []
-  for method in methods:
-    compile_s, step, connector_params = make_runner(method, batch_size, toy)
-    step_s = statistics.median([step() for _ in range(repeats)])
+  for method, (compile_s, _, connector_params) in runners.items():
+    step_s = statistics.median(times[method])
+    ratio = statistics.median(t / k for t, k in zip(times[method], times['kd']))
     rows.append({'method': method, 'compile_s': compile_s, 'step_s': step_s,
-                 'images_per_s': batch_size / step_s, 'connector_params': connector_params})
+                 'images_per_s': batch_size / step_s, 'relative_to_kd': ratio,
+                 'connector_params': connector_params, 'steps_s': times[method]})
     print(json.dumps(rows[-1]), flush=True)
-  kd = next(r['step_s'] for r in rows if r['method'] == 'kd')
-  for r in rows:
-    r['relative_to_kd'] = r['step_s'] / kd
   return rows
 
 
@@ -139,7 +148,7 @@ def main(argv):
   rows = measure(methods, FLAGS.batch, FLAGS.repeats, FLAGS.toy)
   header = (f'Train step by method: {"toy WRN-10-2 pair" if FLAGS.toy else "WRN-16-2 <- WRN-40-2"}'
             f', batch {FLAGS.batch}, {jax.device_count()} {jax.devices()[0].device_kind} '
-            f'device(s), median of {FLAGS.repeats} steps')
+            f'device(s), medians of {FLAGS.repeats} rounds')
   table = markdown(rows, header)
   print(table)
   if FLAGS.json:

@@ -337,6 +337,26 @@ def test_learned_objective_is_the_connector_loss_weighted(teacher_dir, method, p
   np.testing.assert_allclose(loss, first + published * learned, rtol=1e-6)
 
 
+@pytest.mark.parametrize('method', ['fitnet', 'vid', 'cc', 'crd'])
+def test_learned_step_lowers_the_combined_loss(teacher_dir, method):
+  """Three jitted steps on one batch (no augmentation): the combined loss falls, and the
+  connector's parameters move with the student's."""
+  config = tiny_distill_config(method, teacher_workdir=teacher_dir)
+  config.data.crop_padding, config.data.flip = 0, False
+  teacher = teacher_lib.load_teacher(config.distill.teacher_model, teacher_dir, SHAPE)
+  run = train_lib.build_run(config, teacher=teacher, dataset=data_lib.load_dataset('digits'))
+  batch = run.data.batch('train', np.arange(32))
+  before = jax.device_get(run.state.connector['params'])
+  state, values = run.state, []
+  for _ in range(3):
+    state, metrics = run.train_step(state, batch, run.teacher_variables)
+    values.append(float(metrics['loss']))
+  assert values[2] < values[0], values
+  moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), before,
+                       jax.device_get(state.connector['params']))
+  assert min(jax.tree.leaves(moved)) > 0
+
+
 def test_cc_trains_both_heads():
   """As the release: the teacher-side head learns through CC too (the teacher's embedding
   itself is a constant of the step)."""
