@@ -296,40 +296,23 @@ def make_zoo_loss(distill: ml_collections.ConfigDict, steps_per_epoch: int) -> C
   initialisation stage (:func:`has_init_stage`) the method's term is left out, as
   RepDistiller's FSP training does: CE (and KD) alone."""
   zoo = zoo_method(distill.method)
-  if has_init_stage(distill):
-    return _without_method_term(distill)
-  with_kd = distill.method.startswith('kd_')
+  with_kd, with_term = distill.method.startswith('kd_'), not has_init_stage(distill)
   alpha, temperature, weight = distill.alpha, distill.temperature, beta(distill)
   warmup_steps = distill.warmup_epochs * steps_per_epoch
 
   def loss(logits, labels, points, teacher_logits, teacher_points, *, embeddings=None,
            step=0, learned=None):
+    terms = {'ce': losses.cross_entropy(logits, labels)}
+    total = terms['ce']
     if with_kd:
-      total, terms = losses.kd_loss(logits, teacher_logits, labels, alpha=alpha,
-                                    temperature=temperature), {}
-      terms['ce'] = losses.cross_entropy(logits, labels)
+      total = losses.kd_loss(logits, teacher_logits, labels, alpha=alpha,
+                             temperature=temperature)
       terms['kd'] = total - (1.0 - alpha) * terms['ce']
-    else:
-      total = losses.cross_entropy(logits, labels)
-      terms = {'ce': total}
+    if not with_term:
+      return total, terms
     ramp = jnp.minimum(step / warmup_steps, 1.0) if warmup_steps else 1.0
     terms[zoo] = weight * ramp * _method_loss(zoo, logits, labels, points, teacher_logits,
                                               teacher_points, embeddings, temperature,
                                               learned)
     return total + terms[zoo], terms
-  return loss
-
-
-def _without_method_term(distill: ml_collections.ConfigDict) -> Callable:
-  with_kd = distill.method.startswith('kd_')
-  alpha, temperature = distill.alpha, distill.temperature
-
-  def loss(logits, labels, points, teacher_logits, teacher_points, *, embeddings=None,
-           step=0, learned=None):
-    del points, teacher_points, embeddings, step, learned
-    ce = losses.cross_entropy(logits, labels)
-    if not with_kd:
-      return ce, {'ce': ce}
-    total = losses.kd_loss(logits, teacher_logits, labels, alpha=alpha, temperature=temperature)
-    return total, {'ce': ce, 'kd': total - (1.0 - alpha) * ce}
   return loss

@@ -135,13 +135,13 @@ def state_shardings(state: TrainState, mesh: Mesh) -> TrainState:
   return jax.tree_util.tree_map_with_path(pick, state)
 
 
-def place_state(state: TrainState, mesh: Mesh) -> TrainState:
-  """A host (or device) state placed on ``mesh`` by :func:`state_shardings` (every
+def place_state(state: TrainState, shardings: TrainState) -> TrainState:
+  """A host (or device) state placed by ``shardings`` (:func:`state_shardings`; every
   process holds the whole state and gives each of its devices its part)."""
   def put(x, sharding):
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-  return jax.tree.map(put, state, state_shardings(state, mesh))
+  return jax.tree.map(put, state, shardings)
 
 
 def _topk_errors(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:

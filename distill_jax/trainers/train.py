@@ -107,7 +107,8 @@ def build_run(config: ml_collections.ConfigDict, *, teacher: Teacher | None = No
                                        dataset.train_labels, mesh.size)
   host_state = steps_lib.create_train_state(variables, tx, config.seed, connector=connector,
                                             memory=memory)
-  state = steps_lib.place_state(host_state, mesh)
+  shardings = steps_lib.state_shardings(host_state, mesh)
+  state = steps_lib.place_state(host_state, shardings)
   train_step, eval_step = steps_lib.compile_steps(
       mesh=mesh, model=model, tx=tx, schedule=schedule,
       augment=steps_lib.make_augment(config.data, dataset.mean, dataset.std),
@@ -120,7 +121,7 @@ def build_run(config: ml_collections.ConfigDict, *, teacher: Teacher | None = No
       aux_weight=config.aux_weight, teacher_model=teacher.model if teacher else None,
       embeddings=bool(teacher) and methods_lib.reads(config.distill.method) == 'embedding',
       connector_model=connector_model,
-      state_sharding=steps_lib.state_shardings(host_state, mesh))
+      state_sharding=shardings)
   return Run(config=config, mesh=mesh, data=data_lib.DeviceData.create(dataset, mesh),
              model=model, state=state, train_step=train_step, eval_step=eval_step,
              teacher_variables=data_lib.replicate(teacher.variables, mesh) if teacher else None,
