@@ -26,6 +26,17 @@ the group count of a cell's convolutions (the author's dissertation code) instea
 widening; ``--config.growth.function_preserving=True`` makes the grown network compute
 the student's function (Net2WiderNet).
 
+``:release`` runs the author's release's recipe instead (github.com/DWhettam/
+FisherDistillation): a DARTS_V2 student; Fisher measured as the release does (a freshly
+initialised student, batch norm in training mode, drop path 0.2, one batch of 32 and an
+SGD step per growth step: :func:`distill_jax.fisher.release_fisher_step`); growth by
+densifying until the release's parameter measure exceeds 0.975 x 1.4M, cells in the
+release's order, densified operations rebuilt whole (:mod:`distill_jax.grow.release`);
+teachers trained from the grown weights. ``:release,demo`` runs it at demo size (goal 2x
+the student's measure). The default keeps the paper's text: the trained student's
+Fisher in inference mode (the quantity Fisher pruning's derivation assumes, examples
+independent), ±3% of twice the student's trainable count.
+
 ``:demo`` runs every stage with a 5-cell, C=4 student on the embedded digits data in a
 few minutes on 2 CPU cores (the README's main command):
 
@@ -38,7 +49,7 @@ from distill_jax import config_lib
 
 
 def get_config(arg: str = ''):
-  variants = config_lib.parse_variants(arg, ('demo',), 'configs/darts_fisher.py')
+  variants = config_lib.parse_variants(arg, ('demo', 'release'), 'configs/darts_fisher.py')
   c = ml_collections.ConfigDict()
   c.job = 'darts_fisher'
   c.seeds = (0, 1, 2)
@@ -58,15 +69,31 @@ def get_config(arg: str = ''):
   c.growth.operator = 'widen'      # widen | denser
   c.growth.function_preserving = False
   c.growth.teacher_init = 'scratch'  # scratch (the paper) | grown
+  c.growth.protocol = 'band'       # band (±3% of the ratio) | release (the author's loop)
+  c.growth.param_goal = 0          # release only: absolute goal; 0 = ratio x the student's
 
   c.fisher = ml_collections.ConfigDict()
-  c.fisher.num_batches = 10        # Fisher is accumulated over this many training batches
+  c.fisher.protocol = 'trained'    # trained (inference-mode BN) | release (see :release)
+  c.fisher.num_batches = 10        # batches per estimate (release: per growth step)
   c.fisher.batch_size = 64
 
   c.figure = ml_collections.ConfigDict()
   c.figure.num_images = 4
   c.figure.point = 0               # which attention point to draw (0 = highest resolution)
 
+  if 'release' in variants:
+    # The author's release (github.com/DWhettam/FisherDistillation, fisher_expand.py):
+    # DARTS_V2 (its --std_arch default), Fisher on a fresh student in training mode, one
+    # batch of 32 and an SGD step per growth step, densify until 0.975 x 1.4M of its
+    # state-dict measure, teachers trained from the grown weights.
+    c.run.model.genotype = 'DARTS_V2'
+    c.growth.operator = 'denser'
+    c.growth.protocol = 'release'
+    c.growth.param_goal = 1_400_000
+    c.growth.teacher_init = 'grown'
+    c.fisher.protocol = 'release'
+    c.fisher.num_batches = 1
+    c.fisher.batch_size = 32
   if 'demo' in variants:
     c.run = config_lib.demo(c.run)
     c.run.model = config_lib.network('darts_v1_10', demo=True)
@@ -76,5 +103,8 @@ def get_config(arg: str = ''):
     c.fisher.num_batches = 2
     c.run.distill.beta = 50.0      # 8x8 maps: see configs/distill.py
     c.run.drop_path_prob = 0.0
+    if 'release' in variants:
+      c.run.model.genotype = 'DARTS_V2'
+      c.growth.param_goal = 0      # 2x the demo student's measure (1.4M is the CIFAR goal)
   c.lock()
   return c

@@ -146,10 +146,62 @@ def test_pipeline_killed_resumed_finished_and_rerun_does_nothing(tmp_path, unrec
     ('growth.teacher_init', 'pretrained', 'allowed: scratch, grown'),
     ('growth.target_param_ratio', 0.0, 'config.growth.target_param_ratio=0.0 is invalid: must be > 0'),
     ('seeds', (), 'give at least one seed'),
+    ('growth.protocol', 'paper', 'allowed: band, release'),
+    ('fisher.protocol', 'exact', 'allowed: trained, release'),
+    ('fisher.protocol', 'release',
+     'config.fisher.protocol=\'release\' is invalid: release needs growth.protocol=release'),
+    ('growth.param_goal', 10_000,
+     'config.growth.param_goal=10000 is invalid: 0 unless growth.protocol=release'),
+    ({'growth.protocol': 'release'}, None,
+     "config.growth.operator='widen' is invalid: growth.protocol=release densifies: use denser"),
+    ({'growth.protocol': 'release', 'growth.operator': 'denser',
+      'growth.function_preserving': True}, None, 'rebuilds densified operations: use False'),
+    # The 3-cell tiny student has one grouped cell (cell 0, C = 4, five sep_conv_3x3):
+    # densifying its ten depthwise 3x3 kernels adds 10 * 9 * (16 - 4) = 1080 to 2927; the
+    # bound 0.975 x goal must stay below 4007, so the goal below 4007 / 0.975 = 4109.7.
+    ({'growth.protocol': 'release', 'growth.operator': 'denser'}, None,
+     'config.growth.target_param_ratio=2.0 is invalid: densifying every cell of the student '
+     "(2927 by the release's measure) reaches 4007: the goal must be below 4110 (1.40x)"),
+    ({'growth.protocol': 'release', 'growth.operator': 'denser', 'growth.param_goal': 5000},
+     None, 'config.growth.param_goal=5000 is invalid: densifying every cell'),
 ])
 def test_bad_pipeline_values(field, value, message, tmp_path):
-  config = set_fields(tiny_config(), {field: value})
+  fields = field if isinstance(field, dict) else {field: value}
+  config = set_fields(tiny_config(), fields)
   with pytest.raises(validation.ConfigError) as e:
     jobs.run(config, str(tmp_path))
   assert message in str(e.value)
   assert not os.listdir(tmp_path)
+
+
+@pytest.mark.e2e
+def test_release_protocol_grows_a_fresh_student_without_training(tmp_path):
+  # :release grows a freshly initialised student (nothing trained first): the Fisher
+  # task's measurement is the growth's first, and the SGD steps between measurements
+  # move the weights the teacher starts from.
+  from distill_jax import models
+  from distill_jax.experiments import darts_fisher
+  config = set_fields(load_config('darts_fisher', 'release,demo'), {
+      'run.model.layers': 4, 'seeds': (0,), 'teachers': ('fisher',),
+      # DARTS_V2-4-C4 on digits measures 9,841; one densified cell passes 0.975 x 10,400.
+      'growth.param_goal': 10_400})
+  darts_fisher.validate(config)
+  pipeline = darts_fisher.Pipeline(config, str(tmp_path))
+  model = pipeline.build_teacher('fisher', 0)
+  assert not os.path.exists(pipeline.student_dir(0))
+  grown = json.load(open(pipeline.grown_path('fisher', 0)))
+  fisher = json.load(open(pipeline.fisher_path(0)))
+  history = grown['history']
+  assert [h['step'] for h in history] == [1]
+  assert history[0]['scores'] == pytest.approx(
+      [fisher['cell_totals'][f'cell{i}/output'] for i in range(4)], rel=1e-6)
+  # The best-scoring cell with grouped operations (the reduction cells 1, 2 have none).
+  ranked = sorted(range(4), key=lambda i: -history[0]['scores'][i])
+  assert history[0]['cell'] == [i for i in ranked if i in (0, 3)][0]
+  assert history[0]['state_dict_params'] > 0.975 * 10_400
+  assert model['cell_groups'] == tuple(history[0]['cell_groups'])
+  start = pipeline.teacher_initial_variables('fisher', 0)
+  fresh = models.init_variables(models.create_model(**pipeline.student_model),
+                                __import__('jax').random.key(0), (1, 8, 8, 1))
+  moved = start['params']['classifier']['kernel'] - fresh['params']['classifier']['kernel']
+  assert float(abs(moved).max()) > 1e-4  # two SGD steps (one per measurement)

@@ -42,6 +42,7 @@ from distill_jax import config_lib
 from distill_jax import data as data_lib
 from distill_jax import fisher as fisher_lib
 from distill_jax import grow as grow_lib
+from distill_jax.grow import release as grow_release
 from distill_jax import losses
 from distill_jax import models
 from distill_jax import validation
@@ -56,6 +57,8 @@ from distill_jax.trainers import train as train_lib
 from distill_jax.trainers import workdir as workdir_lib
 
 TEACHER_KINDS = ('depth', 'uniform', 'fisher')
+# How the Fisher information is measured (distill_jax.fisher's module docstring).
+FISHER_PROTOCOLS = ('trained', 'release')
 TEACHER_INITS = ('scratch', 'grown')
 # The paper's student (config_lib.NETWORKS); the report says when the student is another.
 PAPER_STUDENT = 'darts_v1_10'
@@ -90,7 +93,26 @@ def validate(config: ml_collections.ConfigDict) -> None:
         'DARTS student')
   validation.check_choice(config, 'run.distill.method', methods_lib.NAMES)
   validation.check_choice(config, 'growth.teacher_init', TEACHER_INITS)
-  validation.check_choice(config, 'growth.operator', ('widen', 'denser'))
+  validation.check_choice(config, 'growth.operator', grow_lib.OPERATORS)
+  validation.check_choice(config, 'growth.protocol', grow_lib.PROTOCOLS)
+  validation.check_choice(config, 'fisher.protocol', FISHER_PROTOCOLS)
+  validation.check_int(config, 'growth.param_goal', 0)
+  if config.growth.protocol == 'release':
+    if config.growth.operator != 'denser':
+      validation.fail('growth.operator', config.growth.operator,
+                      'growth.protocol=release densifies: use denser')
+    if config.growth.function_preserving:
+      validation.fail('growth.function_preserving', config.growth.function_preserving,
+                      'growth.protocol=release rebuilds densified operations: use False')
+  elif config.growth.param_goal:
+    validation.fail('growth.param_goal', config.growth.param_goal,
+                    '0 unless growth.protocol=release (protocol band uses target_param_ratio)')
+  if config.growth.protocol == 'release' and {'uniform', 'fisher'} & set(config.teachers):
+    _check_release_goal(config)
+  if config.fisher.protocol == 'release' and config.growth.protocol != 'release':
+    validation.fail('fisher.protocol', config.fisher.protocol,
+                    'release needs growth.protocol=release (its SGD steps change the network '
+                    'being grown)')
   validation.check_positive(config, 'growth.target_param_ratio')
   if config.growth.target_param_ratio <= 1:
     validation.fail('growth.target_param_ratio', config.growth.target_param_ratio,
@@ -118,6 +140,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.figure.point >= points:
     validation.fail('figure.point', config.figure.point,
                     f'the student has {points} attention points: use 0..{points - 1}')
+
+
+def _check_release_goal(config: ml_collections.ConfigDict) -> None:
+  """The release's growth must be able to pass its bound: densifying every cell of the
+  student reaches at most :func:`distill_jax.grow.release.densest_measure`."""
+  student = grow_lib.Layout.from_config(_plain(config.run.model), _input_shape(config.run)[-1])
+  n = student.state_dict_count()
+  g = config.growth
+  field, value = (('growth.param_goal', g.param_goal) if g.param_goal
+                  else ('growth.target_param_ratio', g.target_param_ratio))
+  goal = g.param_goal or g.target_param_ratio * n
+  most = grow_release.densest_measure(student)
+  if grow_release.lower_bound(goal) >= most:
+    validation.fail(field, value, f'densifying every cell of the student ({n} by the release\'s '
+                    f'measure) reaches {most}: the goal must be below {most / (1 - grow_release.GOAL_SLACK):.0f}'
+                    f' ({most / (1 - grow_release.GOAL_SLACK) / n:.2f}x)')
 
 
 def _num_attention_points(run_config) -> int:
@@ -192,17 +230,58 @@ class Pipeline:
             for i in range(0, n, c.batch_size)]
 
   def fisher_fn(self, seed: int):
+    """The Fisher estimator of ``fisher.protocol``: ``(model_config, variables) -> Δ``
+    ('trained': the same batches every call), or ``-> (Δ, variables)`` ('release': each
+    call draws ``fisher.num_batches`` fresh augmented batches, as the release's new
+    loader iterator does, and takes the release's SGD step after each)."""
+    if self.config.fisher.protocol == 'release':
+      return self._release_fisher_fn(seed)
     batches = self.fisher_batches(seed)
 
     def estimate(model_config, variables):
       return fisher_lib.accumulate_fisher(models.create_model(**model_config), variables, batches)
 
+    if self.config.growth.protocol == 'release':  # its loop takes (Δ, variables)
+      return lambda model_config, variables: (estimate(model_config, variables), variables)
     return estimate
 
+  def _release_fisher_fn(self, seed: int):
+    c, d = self.config, self.dataset
+    calls = iter(range(1 << 30))
+
+    def estimate(model_config, variables):
+      model = models.create_model(**model_config)
+      key = jax.random.fold_in(jax.random.key(seed), next(calls))
+      total = None
+      for b in range(c.fisher.num_batches):
+        k_batch, k_aug, k_step = jax.random.split(jax.random.fold_in(key, b), 3)
+        order = jax.random.permutation(k_batch, len(d.train_labels))[:c.fisher.batch_size]
+        order = np.asarray(order)
+        images = data_lib.augment(jnp.asarray(d.train_images[order]), k_aug,
+                                  crop_padding=c.run.data.crop_padding, flip=c.run.data.flip,
+                                  mean=d.mean, std=d.std)
+        delta, variables = fisher_lib.release_fisher_step(
+            model, variables, images, jnp.asarray(d.train_labels[order]), k_step)
+        total = delta if total is None else jax.tree.map(jnp.add, total, delta)
+      return total, variables  # the release sums Δ over its batches
+
+    return estimate
+
+  def growth_start_variables(self, seed: int) -> dict:
+    """The network growth starts from: the trained student, or with ``fisher.protocol=
+    'release'`` a freshly initialised one (key ``seed``), as the release grows."""
+    if self.config.fisher.protocol == 'release':
+      return models.init_variables(models.create_model(**self.student_model),
+                                   jax.random.key(seed), _input_shape(self.config.run))
+    return self.student_variables(seed)
+
   def student_fisher(self, seed: int) -> dict:
+    """Δ of the student growth starts from (the release: its first measurement)."""
     path = self.fisher_path(seed)
     if not os.path.exists(path):
-      fisher = self.fisher_fn(seed)(self.student_model, self.student_variables(seed))
+      fisher = self.fisher_fn(seed)(self.student_model, self.growth_start_variables(seed))
+      if isinstance(fisher, tuple):
+        fisher = fisher[0]
       loop.write_json(path, {'cell_totals': fisher_lib.cell_totals(fisher),
                              'channels': {k: np.asarray(v) for k, v in fisher.items()}})
     return {k: jnp.asarray(v) for k, v in loop.read_json(path)['channels'].items()}
@@ -219,14 +298,16 @@ class Pipeline:
     path = self.grown_path(kind, seed)
     if not os.path.exists(path):
       g = self.config.growth
-      student_variables = self.student_variables(seed)
+      student_variables = (self.student_variables(seed) if kind == 'depth'
+                           else self.growth_start_variables(seed))
       kwargs = dict(strategy=kind, target_param_ratio=g.target_param_ratio,
                     function_preserving=g.function_preserving, rng=jax.random.key(seed),
                     input_shape=_input_shape(self.config.run))
       if kind == 'depth':
         kwargs['layers'] = g.depth_layers
       else:
-        kwargs['operator'] = g.operator
+        kwargs.update(operator=g.operator, protocol=g.protocol,
+                      param_goal=g.param_goal or None)
       if kind == 'fisher':
         self.student_fisher(seed)
         kwargs['fisher'] = self.fisher_fn(seed)

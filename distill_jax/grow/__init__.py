@@ -36,6 +36,8 @@ Modules:
 - :mod:`~distill_jax.grow.transfer`: weight surgery (widening, Net2WiderNet, denser
   kernels);
 - :mod:`~distill_jax.grow.darts`: the DARTS growth loops;
+- :mod:`~distill_jax.grow.release`: the author's release's loop, exactly (``protocol=
+  'release'``);
 - :mod:`~distill_jax.grow.wrn`: WRN growth;
 - :mod:`~distill_jax.grow.history`: the per-step history and its JSON file.
 
@@ -51,12 +53,13 @@ from distill_jax.grow.darts import grow_darts
 from distill_jax.grow.history import load_history, save_history
 from distill_jax.grow.layout import Layout
 from distill_jax.grow.policies import grown_depth_config
-from distill_jax.grow.settings import (DEFAULT_MAX_STEPS, OPERATORS, STRATEGIES, SUPPORTED,
+from distill_jax.grow.settings import (DEFAULT_MAX_STEPS, OPERATORS, PROTOCOLS, STRATEGIES,
+                                       SUPPORTED,
                                        TOLERANCE, WIDEN_STEP, FisherFn, History, Variables,
                                        as_key, plain_config)
 from distill_jax.grow.wrn import grow_wrn
 
-__all__ = ['DEFAULT_MAX_STEPS', 'OPERATORS', 'STRATEGIES', 'TOLERANCE', 'WIDEN_STEP',
+__all__ = ['DEFAULT_MAX_STEPS', 'OPERATORS', 'PROTOCOLS', 'STRATEGIES', 'TOLERANCE', 'WIDEN_STEP',
            'FisherFn', 'History', 'Layout', 'Variables', 'grow', 'grow_with_history',
            'grown_depth_config', 'load_history', 'save_history']
 
@@ -66,7 +69,8 @@ def grow_with_history(model_config: Any, variables: Variables, *, strategy: str,
                       fisher: FisherFn | Mapping[str, Any] | None = None,
                       function_preserving: bool = False, rng: Any = None,
                       input_shape: Sequence[int] = (1, 32, 32, 3), operator: str = 'widen',
-                      max_steps: int = DEFAULT_MAX_STEPS, layers: int | None = None
+                      max_steps: int = DEFAULT_MAX_STEPS, layers: int | None = None,
+                      protocol: str = 'band', param_goal: float | None = None
                       ) -> tuple[dict, Variables, History]:
   """Grows a trained student; returns ``(grown_config, grown_variables, history)``.
 
@@ -87,6 +91,14 @@ def grow_with_history(model_config: Any, variables: Variables, *, strategy: str,
     operator: 'widen' (the seed's text) or 'denser' (the author's release).
     max_steps: bound on growth steps of 'fisher' and 'denser'.
     layers: explicit number of cells for strategy 'depth'.
+    protocol: 'band' (land within ±3% of ``target_param_ratio`` × the trainable count) or
+      'release' (the author's release exactly, :mod:`distill_jax.grow.release`: DARTS,
+      operator 'denser', strategy 'uniform' or 'fisher'; stops once the release's
+      state-dict measure exceeds 0.975 × the goal; ``fisher`` is a dict or a callable
+      returning ``(Δ, variables)``).
+    param_goal: the release protocol's absolute goal (its default is
+      :data:`~distill_jax.grow.release.RELEASE_GOAL`, 1.4M); None:
+      ``target_param_ratio`` × the student's state-dict measure.
 
   Returns:
     A plain config dict (DARTS: ``cell_channels`` and ``cell_groups`` tuples; 'depth':
@@ -105,6 +117,13 @@ def grow_with_history(model_config: Any, variables: Variables, *, strategy: str,
     raise ValueError(f'strategy={strategy!r} is unknown; allowed: {", ".join(STRATEGIES)}')
   if operator not in OPERATORS:
     raise ValueError(f'operator={operator!r} is unknown; allowed: {", ".join(OPERATORS)}')
+  if protocol not in PROTOCOLS:
+    raise ValueError(f'protocol={protocol!r} is unknown; allowed: {", ".join(PROTOCOLS)}')
+  if param_goal is not None and protocol != 'release':
+    raise ValueError(f'param_goal={param_goal!r} applies to protocol release only; '
+                     'protocol band uses target_param_ratio')
+  if param_goal is not None and not param_goal > 0:
+    raise ValueError(f'param_goal={param_goal!r} must be > 0')
   if not target_param_ratio > 1.0:
     raise ValueError(f'target_param_ratio={target_param_ratio!r} must be > 1')
   if not isinstance(variables, Mapping) or 'params' not in variables:
@@ -117,7 +136,9 @@ def grow_with_history(model_config: Any, variables: Variables, *, strategy: str,
     return grow_darts(cfg, variables, strategy=strategy, ratio=float(target_param_ratio),
                       fisher=fisher, preserving=bool(function_preserving), key=key,
                       input_shape=input_shape, operator=operator, max_steps=int(max_steps),
-                      layers=layers)
+                      layers=layers, protocol=protocol, param_goal=param_goal)
+  if protocol == 'release':
+    raise ValueError(f'protocol release grows DARTS networks only; got model {name!r}')
   if name == 'wrn':
     return grow_wrn(cfg, variables, strategy=strategy, ratio=float(target_param_ratio),
                     preserving=bool(function_preserving), key=key, input_shape=input_shape,
@@ -129,11 +150,13 @@ def grow(model_config: Any, variables: Variables, *, strategy: str,
          target_param_ratio: float = 2.0, fisher: FisherFn | Mapping[str, Any] | None = None,
          function_preserving: bool = False, rng: Any = None,
          input_shape: Sequence[int] = (1, 32, 32, 3), operator: str = 'widen',
-         max_steps: int = DEFAULT_MAX_STEPS, layers: int | None = None
+         max_steps: int = DEFAULT_MAX_STEPS, layers: int | None = None,
+         protocol: str = 'band', param_goal: float | None = None
          ) -> tuple[dict, Variables]:
   """:func:`grow_with_history` without the history: ``(grown_config, grown_variables)``."""
   config, grown, _ = grow_with_history(
       model_config, variables, strategy=strategy, target_param_ratio=target_param_ratio,
       fisher=fisher, function_preserving=function_preserving, rng=rng,
-      input_shape=input_shape, operator=operator, max_steps=max_steps, layers=layers)
+      input_shape=input_shape, operator=operator, max_steps=max_steps, layers=layers,
+      protocol=protocol, param_goal=param_goal)
   return config, grown

@@ -27,7 +27,7 @@ from typing import Any
 
 import jax
 
-from distill_jax.grow import policies
+from distill_jax.grow import policies, release
 from distill_jax.grow.history import entry
 from distill_jax.grow.layout import Layout, densified, with_width
 from distill_jax.grow.settings import FISHER_KEY_PATTERN, TOLERANCE, History, Variables, in_band
@@ -109,7 +109,8 @@ def _grow_denser(student: Layout, variables: Variables, cfg: dict, strategy: str
 
 def grow_darts(cfg: dict, variables: Variables, *, strategy: str, ratio: float, fisher: Any,
                preserving: bool, key: jax.Array, input_shape: tuple[int, ...],
-               operator: str, max_steps: int, layers: int | None
+               operator: str, max_steps: int, layers: int | None,
+               protocol: str = 'band', param_goal: float | None = None
                ) -> tuple[dict, Variables, History]:
   """:func:`distill_jax.grow.grow_with_history` for a DARTS student (arguments checked)."""
   in_ch = policies.stem_in_channels(variables)
@@ -124,6 +125,8 @@ def grow_darts(cfg: dict, variables: Variables, *, strategy: str, ratio: float, 
   target = ratio * n0
 
   if strategy == 'depth':
+    if protocol != 'band':
+      raise ValueError(f'protocol={protocol!r} does not apply to strategy depth; allowed: band')
     if preserving:
       raise ValueError('function_preserving=True is not available for strategy depth '
                        '(fresh init); allowed with uniform and fisher')
@@ -145,7 +148,16 @@ def grow_darts(cfg: dict, variables: Variables, *, strategy: str, ratio: float, 
       raise ValueError(f'cell {i} has {student.chans[i]} channels; growing it needs a multiple '
                        f'of {student.blocks(i)} (FactorizedReduce halves / groups)')
 
-  if operator == 'denser':
+  if protocol == 'release':
+    if operator != 'denser' or strategy not in ('uniform', 'fisher') or preserving:
+      raise ValueError(f'protocol release densifies (operator denser, strategy uniform or '
+                       f'fisher, function_preserving False); got operator={operator!r}, '
+                       f'strategy={strategy!r}, function_preserving={preserving}')
+    goal = ratio * student.state_dict_count() if param_goal is None else float(param_goal)
+    layout, grown, history = release.grow_as_released(
+        student, variables, cfg, strategy=strategy, goal=goal, fisher=fisher, key=key,
+        input_shape=input_shape)
+  elif operator == 'denser':
     layout, grown, history = _grow_denser(student, variables, cfg, strategy, fisher, target,
                                           key, preserving, input_shape, max_steps)
   elif strategy == 'uniform':

@@ -77,6 +77,23 @@ def densified(layout: Layout, i: int) -> Layout | None:
   return layout.replace(groups=tuple(groups))
 
 
+def densified_as_released(layout: Layout, i: int) -> tuple[Layout, bool]:
+  """The release's ``Cell.update_groups``: every separable / dilated convolution of cell
+  ``i`` goes from ``g`` groups to ``max(1, g // 2)`` (floor: 3 -> 1); returns the layout and
+  the release's answer, True only when some operation still has more than one group
+  afterwards. So the step that makes a cell dense answers False, like a cell that was
+  already dense or has no grouped operation — the quirk by which the release's Fisher
+  loop then densifies the next-ranked cell in the same iteration."""
+  if not layout.has_grouped_ops(i):
+    return layout, False
+  g = layout.chans[i] if layout.groups[i] is None else layout.groups[i]
+  if g == 1:
+    return layout, False
+  groups = list(layout.groups)
+  groups[i] = max(1, g // 2)
+  return layout.replace(groups=tuple(groups)), groups[i] != 1
+
+
 def default_chans(cfg: dict, layers: int) -> tuple[int, ...]:
   """The default per-cell widths of ``cfg`` with ``layers`` cells."""
   model = create_model(**{**cfg, 'layers': layers, 'cell_channels': None, 'cell_groups': None})

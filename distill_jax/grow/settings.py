@@ -16,6 +16,9 @@ from distill_jax.models import names
 
 STRATEGIES: tuple[str, ...] = ('uniform', 'fisher', 'depth')
 OPERATORS: tuple[str, ...] = ('widen', 'denser')
+# 'band': within ±TOLERANCE of a ratio of the trainable count; 'release': the author's
+# release's loop and stopping rule (distill_jax.grow.release).
+PROTOCOLS: tuple[str, ...] = ('band', 'release')
 # Allowed relative deviation of the grown parameter count from the target.
 TOLERANCE = 0.03
 # A Fisher widening step adds this fraction of the chosen cell's current width.

@@ -44,7 +44,9 @@ Denser (the author's release, github.com/DWhettam/FisherDistillation)
 ----------------------------------------------------------------------
 A cell whose group count was halved keeps its width; its changed ``k x k`` kernels are
 re-initialised, or with ``preserving`` embed the old kernel (zero weights between
-channels that were in different groups), which is exact.
+channels that were in different groups), which is exact. The release's own protocol
+(``rebuild_ops``, :mod:`distill_jax.grow.release`) re-initialises the whole operation
+instead (its 1x1 kernels and batch norms too).
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ from flax import traverse_util
 
 from distill_jax.grow.layout import Layout
 from distill_jax.grow.settings import Variables
-from distill_jax.models import create_model, darts_layout, init_variables
+from distill_jax.models import create_model, darts_layout, init_variables, names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,12 +239,31 @@ def grouped_leaf(old: np.ndarray, fresh: np.ndarray, out: AxisMap, reads: AxisMa
   return dense_to_grouped(dense, g_new)
 
 
+def rebuilt_ops(old: Layout, new: Layout) -> set[tuple[str, str]]:
+  """``(cell, op)`` names of the separable / dilated operations of every cell whose group
+  count differs between ``old`` and ``new``: the operations the release rebuilds whole."""
+  out = set()
+  for i in range(old.layers):
+    if old.groups[i] != new.groups[i]:
+      for e, (op, _) in enumerate(new.pairs(i)):
+        if op.startswith((darts_layout.SEP_CONV, darts_layout.DIL_CONV)):
+          out.add((names.cell_name(i), darts_layout.op_name(e)))
+  return out
+
+
 def transfer_darts(old: Layout, new: Layout, variables: Variables, base_cfg: dict,
-                   key: jax.Array, preserving: bool, input_shape: tuple[int, ...]) -> Variables:
-  """Variables of ``new`` holding ``variables`` (of ``old``) as the module docstring says."""
+                   key: jax.Array, preserving: bool, input_shape: tuple[int, ...],
+                   rebuild_ops: bool = False) -> Variables:
+  """Variables of ``new`` holding ``variables`` (of ``old``) as the module docstring says.
+
+  ``rebuild_ops``: a densified cell's separable / dilated operations are re-initialised
+  whole — grouped and 1x1 kernels, batch-norm scale, bias and running statistics — as
+  the release's ``update()`` builds a new ``nn.Sequential`` (its growth protocol).
+  """
   for i in range(old.layers):
     if old.chans[i] != new.chans[i] and old.groups[i] != new.groups[i]:
       raise AssertionError('a step may widen or densify a cell, not both')
+  rebuilt = rebuilt_ops(old, new) if rebuild_ops else set()
   fresh = init_variables(create_model(**new.config(base_cfg)), jax.random.fold_in(key, 0),
                          input_shape)
   maps = Maps(old, new, jax.random.fold_in(key, 1), preserving)
@@ -256,7 +277,10 @@ def transfer_darts(old: Layout, new: Layout, variables: Variables, base_cfg: dic
                        f'allowed: variables of create_model(**model_config)')
     out = {}
     for k, fresh_leaf in flat_new.items():
-      out[k] = jnp.asarray(darts_leaf(k, np.asarray(flat_old[k]), np.asarray(fresh_leaf),
-                                      maps))
+      if k[:2] in rebuilt:
+        out[k] = jnp.asarray(fresh_leaf)
+      else:
+        out[k] = jnp.asarray(darts_leaf(k, np.asarray(flat_old[k]), np.asarray(fresh_leaf),
+                                        maps))
     result[collection] = traverse_util.unflatten_dict(out)
   return result

@@ -160,6 +160,31 @@ class DartsLayout:
     return n
 
 
+  def batch_norm_widths(self, include_aux: bool = False) -> list[int]:
+    """The channels of every batch norm of the network (the stem's first)."""
+    widths = [self.stem]
+    for i, c in enumerate(self.chans):
+      widths += [c, c]  # preprocess0 / preprocess1
+      for op, stride in self.strides(i):
+        if op.startswith(SEP_CONV):
+          widths += [c, c]
+        elif op.startswith(DIL_CONV) or (op == SKIP_CONNECT and stride == 2):
+          widths.append(c)
+    if include_aux and self.auxiliary:
+      widths += list(AUX_WIDTHS)
+    return widths
+
+  def state_dict_count(self, include_aux: bool = False) -> int:
+    """The size of the author's release network's PyTorch ``state_dict``, which its growth
+    loop measures (``funcs.get_no_params`` of github.com/DWhettam/FisherDistillation):
+    the trainable parameters, each batch norm's running mean and variance and its
+    ``num_batches_tracked`` counter, and each cell's ``mask`` buffer (one entry per
+    output channel)."""
+    buffers = sum(2 * c + 1 for c in self.batch_norm_widths(include_aux))
+    masks = sum(self.out_channels(i) for i in range(self.layers))
+    return self.count(include_aux) + buffers + masks
+
+
 # ------------------------------------------------------------------------- channel axes
 
 CELL = 'cell'      # the C channels of cell ``index``
