@@ -58,7 +58,7 @@ def search_setup(args: argparse.Namespace, **fields) -> search_step.SearchSetup:
   benchmark's network and ``fields`` (dotted names) set."""
   config = load_search_config()
   values = {'model.layers': args.layers, 'model.init_channels': args.channels,
-            'model.impl': args.impl, 'arch.reuse_train_grad': not args.no_reuse,
+            'model.impl': args.impl, 'arch.reuse_train_grad': args.reuse,
             'arch.phase_scan': args.phase_scan, **fields}
   config = config_lib.set_fields(config, values)
   search.validate(config)
@@ -124,8 +124,9 @@ def main() -> None:
   parser.add_argument('--impl', default='lax', choices=darts_ops.IMPLS,
                       help='darts_ops implementation')
   parser.add_argument('--repeats', type=int, default=7)
-  parser.add_argument('--no-reuse', action='store_true',
-                      help='second order recomputes grad_w L_train after the alpha update')
+  parser.add_argument('--reuse', action='store_true',
+                      help='second order: arch.reuse_train_grad (the weight step reuses grad_w '
+                      'L_train from before the alpha update; default: recompute it, as Algorithm 1)')
   parser.add_argument('--phase-scan', action='store_true',
                       help='first order / finite differences: arch.phase_scan (one network copy '
                       'in the compiled step)')

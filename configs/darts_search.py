@@ -81,7 +81,8 @@ def search_config() -> ml_collections.ConfigDict:
   c.arch.b2 = 0.999
   c.arch.weight_decay = 1e-3
   c.arch.fd_epsilon = 0.01          # finite differences: eps = fd_epsilon / ||v||
-  c.arch.reuse_train_grad = True    # order 2: the weight step reuses grad_w L_train(w, alpha)
+  c.arch.reuse_train_grad = False   # order 2: True reuses grad_w L_train(w, alpha) for the
+                                    # weight step (one pass fewer; Algorithm 1: False)
   c.arch.phase_scan = False         # first order / finite differences: one network copy in the
                                     # compiled step (shorter CPU compile, slower step)
 

@@ -173,35 +173,3 @@ def test_bad_pipeline_values(field, value, message, tmp_path):
   assert message in str(e.value)
   assert not os.listdir(tmp_path)
 
-
-@pytest.mark.e2e
-def test_release_protocol_grows_a_fresh_student_without_training(tmp_path):
-  # :release grows a freshly initialised student (nothing trained first): the Fisher
-  # task's measurement is the growth's first, and the SGD steps between measurements
-  # move the weights the teacher starts from.
-  from distill_jax import models
-  from distill_jax.experiments import darts_fisher
-  config = set_fields(load_config('darts_fisher', 'release,demo'), {
-      'run.model.layers': 4, 'seeds': (0,), 'teachers': ('fisher',),
-      # DARTS_V2-4-C4 on digits measures 9,841; one densified cell passes 0.975 x 10,400.
-      'growth.param_goal': 10_400})
-  darts_fisher.validate(config)
-  pipeline = darts_fisher.Pipeline(config, str(tmp_path))
-  model = pipeline.build_teacher('fisher', 0)
-  assert not os.path.exists(pipeline.student_dir(0))
-  grown = json.load(open(pipeline.grown_path('fisher', 0)))
-  fisher = json.load(open(pipeline.fisher_path(0)))
-  history = grown['history']
-  assert [h['step'] for h in history] == [1]
-  assert history[0]['scores'] == pytest.approx(
-      [fisher['cell_totals'][f'cell{i}/output'] for i in range(4)], rel=1e-6)
-  # The best-scoring cell with grouped operations (the reduction cells 1, 2 have none).
-  ranked = sorted(range(4), key=lambda i: -history[0]['scores'][i])
-  assert history[0]['cell'] == [i for i in ranked if i in (0, 3)][0]
-  assert history[0]['state_dict_params'] > 0.975 * 10_400
-  assert model['cell_groups'] == tuple(history[0]['cell_groups'])
-  start = pipeline.teacher_initial_variables('fisher', 0)
-  fresh = models.init_variables(models.create_model(**pipeline.student_model),
-                                __import__('jax').random.key(0), (1, 8, 8, 1))
-  moved = start['params']['classifier']['kernel'] - fresh['params']['classifier']['kernel']
-  assert float(abs(moved).max()) > 1e-4  # two SGD steps (one per measurement)

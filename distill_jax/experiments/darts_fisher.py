@@ -5,10 +5,12 @@ Per seed (``WORKDIR`` layout in brackets), each task skipped when done and resum
 its checkpoints when it was killed:
 
 1. train the student alone — the table's N/A row               [student/seed<s>/]
-2. per-channel Fisher of the trained student                    [fisher/seed<s>.json]
+2. per-channel Fisher of the trained student (``fisher.protocol='release'``: of a freshly
+   initialised one, as the author's release measures)          [fisher/seed<s>.json]
 3. build the teachers from the trained student: ``depth`` (more cells), ``uniform``
    (every cell widened to ≈2× parameters), ``fisher`` (the cell holding the most
-   important channel widened, repeatedly, to ≈2×)               [teachers/<kind>/seed<s>/grown.json]
+   important channel widened, repeatedly, to ≈2×); ``growth.protocol='release'``: the
+   release's densifying loop (:mod:`distill_jax.grow.release`)   [teachers/<kind>/seed<s>/grown.json]
 4. train each teacher, from scratch or from the grown weights    [teachers/<kind>/seed<s>/]
 5. distill the student from each teacher (``run.distill``)       [pairs/<kind>/seed<s>/]
 

@@ -88,7 +88,9 @@ def grow_with_history(model_config: Any, variables: Variables, *, strategy: str,
     rng: a JAX key or an int seed (None: key 0); fixes fresh slices and the replication
       mapping.
     input_shape: ``(batch, height, width, channels)`` used to initialise the grown network.
-    operator: 'widen' (the seed's text) or 'denser' (the author's release).
+    operator: 'widen' (the seed's text) or 'denser' (the release's densifying step; with
+      protocol 'band' its order, re-initialisation and stopping rule are this package's,
+      with protocol 'release' the release's own).
     max_steps: bound on growth steps of 'fisher' and 'denser'.
     layers: explicit number of cells for strategy 'depth'.
     protocol: 'band' (land within ±3% of ``target_param_ratio`` × the trainable count) or

@@ -11,7 +11,10 @@ Widening (``uniform``, ``fisher``) lands within ``±TOLERANCE`` (3%) of the targ
 raises a ``ValueError``; the stem (``stem_multiplier * init_channels`` channels) is never
 widened: ``init_channels`` stays, the grown widths live in ``cell_channels``.
 
-``denser`` (the author's release, github.com/DWhettam/FisherDistillation) halves a
+``denser`` (the densifying step of the author's release, github.com/DWhettam/
+FisherDistillation, in this package's band protocol: first-to-last order, only the
+grouped kernels re-initialised, the band's stopping rule; ``protocol='release'`` runs
+the release's own loop, :mod:`distill_jax.grow.release`) halves a
 cell's group count per step; cells without separable/dilated convolutions (e.g. the
 DARTS_V1 reduction cell) are skipped. Growth stops when the count reaches the target (a
 last step is taken only if it ends closer to the target than stopping) or when nothing

@@ -27,7 +27,9 @@ moved by :mod:`distill_jax.grow.transfer`.
   ``len(concat) * C_i`` output channels) by ``WIDEN_STEP`` (25%) of its current width,
   rounded to a multiple of ``m_i`` and at least ``m_i`` (e.g. 16 -> 20 -> 26 -> 32 ...).
   The step that would overshoot is shortened (:func:`choose_widening`).
-- denser (the release's operator): uniform densifies the cells one at a time in index
+- denser (the release's densifying step, under this package's band protocol; the
+  release's own loop is :mod:`distill_jax.grow.release`): uniform densifies the cells
+  one at a time in index
   order, cycling (:func:`next_in_cycle`); Fisher densifies the cell with the highest
   *sum* of Δ over its channels, as in the release (:func:`best_scoring`).
 - depth: the same genotype, default per-cell widths and more cells

@@ -37,11 +37,13 @@ Batch norm runs in train mode (batch statistics) in all of these losses, as in t
 release. The running statistics (used only by the evaluation of the validation half)
 come from the forward pass whose weight gradient is applied.
 
-Reusing the training gradient (``arch.reuse_train_grad``, default on, second order only):
-the weight step then applies ``grad_w L_train(w, alpha)`` computed for the virtual step
-(same batch, same ``w``) instead of recomputing it after the alpha update. The release
-recomputes it at the updated alpha; the two differ by one Adam step of alpha (lr 3e-4)
-in the gradient's alpha. Turn it off to follow the release exactly.
+Reusing the training gradient (``arch.reuse_train_grad``, default off, second order
+only): the weight step then applies ``grad_w L_train(w, alpha)`` computed for the virtual
+step (same batch, same ``w``) instead of recomputing it after the alpha update, saving one
+forward and backward pass. Algorithm 1 of the paper and the release take the weight step
+at the updated alpha, which is the default; the reused gradient differs by one Adam step
+of alpha (lr 3e-4) in the gradient's alpha (README, "Fidelity", gives the measured cost
+and difference).
 
 What the step needs is built once from the config (:func:`build_setup`): the network, the
 two optax optimizers, the learning-rate schedule, the augmentation and the few static
@@ -129,7 +131,7 @@ class SearchSetup:
   normalize: Callable[[jax.Array], jax.Array]
   order: int = 1
   hessian: str = 'exact'
-  reuse_train_grad: bool = True
+  reuse_train_grad: bool = False
   fd_epsilon: float = 0.01
   momentum: float = 0.9
   weight_decay: float = 3e-4
