@@ -35,7 +35,9 @@ weights ``w`` of :class:`~distill_jax.models.supernet.SuperNetwork` minimise
 
 Batch norm runs in train mode (batch statistics) in all of these losses, as in the
 release. The running statistics (used only by the evaluation of the validation half)
-come from the forward pass whose weight gradient is applied.
+come from the forward pass whose weight gradient is applied; the release's every
+training-mode pass (the architecture passes too) updates them, and PyTorch averages the
+unbiased batch variance where Flax averages the biased one (README, "Fidelity").
 
 Reusing the training gradient (``arch.reuse_train_grad``, default off, second order
 only): the weight step then applies ``grad_w L_train(w, alpha)`` computed for the virtual
