@@ -197,6 +197,12 @@ def test_pipeline_note_says_the_student_is_the_demo_stand_in():
   assert darts_fisher.Pipeline(load_config('darts_fisher'), '/tmp/unused').notes() == []
   tiny = set_fields(load_config('darts_fisher', 'demo'), {'run.model.layers': 3})
   assert 'is smaller than the paper' in darts_fisher.Pipeline(tiny, '/tmp/unused').notes()[0]
+  deeper = set_fields(load_config('darts_fisher'), {'run.model.layers': 20})
+  assert 'is larger than the paper' in darts_fisher.Pipeline(deeper, '/tmp/unused').notes()[0]
+  # :release builds the paper's size with the release's default genotype.
+  assert darts_fisher.Pipeline(load_config('darts_fisher', 'release'), '/tmp/unused').notes() == [
+      "The student DARTS_V2-10 has the size of the paper's DARTS_V1-10 with genotype DARTS_V2 "
+      "(the author's release builds DARTS_V2 by default; the paper's table names DARTS_V1)."]
   assert darts_fisher.point_name({'layers': 8}, 0) == 'cell 0 output'
   assert darts_fisher.point_name({'layers': 8}, 2) == 'cell 5 output'
 

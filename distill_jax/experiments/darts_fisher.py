@@ -438,15 +438,25 @@ class Pipeline:
 
   def notes(self) -> list[str]:
     """The report's note when the student is not the paper's DARTS_V1-10 (C=16): the
-    demo stand-in (:data:`~distill_jax.config_lib.DEMO_NETWORKS`) or another size."""
+    demo stand-in (:data:`~distill_jax.config_lib.DEMO_NETWORKS`), the paper's size with
+    another genotype (the author's release builds DARTS_V2 by default), or another size."""
     paper, demo = config_lib.NETWORKS[PAPER_STUDENT], config_lib.DEMO_NETWORKS[PAPER_STUDENT]
-    if all(self.student_model.get(k) == v for k, v in paper.items()):
+    student = self.student_model
+    differ = [k for k, v in paper.items() if student.get(k) != v]
+    if not differ:
       return []
-    what = ('the demo stand-in (config_lib.DEMO_NETWORKS) of'
-            if all(self.student_model.get(k) == v for k, v in demo.items()) else 'smaller than')
-    return [f'The student {runs.display_name(self.student_model)} is {what} the paper\'s '
-            f'{runs.display_name(paper)}, and its teachers are grown from it: these are not '
-            'the paper\'s networks.']
+    name, paper_name = runs.display_name(student), runs.display_name(paper)
+    if differ == ['genotype']:
+      return [f'The student {name} has the size of the paper\'s {paper_name} with genotype '
+              f'{student["genotype"]} (the author\'s release builds DARTS_V2 by default; the '
+              'paper\'s table names DARTS_V1).']
+    if all(student.get(k) == v for k, v in demo.items()):
+      what = 'the demo stand-in (config_lib.DEMO_NETWORKS) of'
+    else:
+      size = lambda cfg: grow_lib.Layout.from_config(cfg, 3).count()
+      what = 'smaller than' if size(student) < size(dict(student, **paper)) else 'larger than'
+    return [f'The student {name} is {what} the paper\'s {paper_name}, and its teachers are '
+            'grown from it: these are not the paper\'s networks.']
 
   def report(self, seeds: Sequence[int] | None = None) -> str:
     """report.md, report.csv and report_summary.csv over the finished runs of ``seeds``
