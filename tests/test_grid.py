@@ -119,12 +119,15 @@ def test_report_means_and_sample_stds(tmp_path):
   assert lone['top5_mean'] == pytest.approx(1.0) and lone['top5_std'] == pytest.approx(1.0)
   assert lone['teacher_top1_mean'] is None
   markdown = runs_lib.write_report(runs, str(tmp_path), title='grid')
-  assert ('| Teacher | Student | Top-1 Error | Top-5 Error | Teacher error | Teacher params | '
-          'Student params | Seeds |') in markdown
-  assert '| N/A | WRN-10-2 | 13.00 ± 3.61 | 1.00 ± 1.00 | n/a | n/a | 7 | 3 |' in markdown
+  assert ('| Teacher | Student | Top-1 Error | Top-1 95% CI | Top-1 vs alone (95% CI) | '
+          'Top-5 Error | Teacher error | Teacher params | Student params | Seeds |') in markdown
+  # 13 ± t(0.975, 2) * sqrt(13) / sqrt(3) = 13 ± 4.3027 * 2.0817 = 13 ± 8.96.
+  assert ('| N/A | WRN-10-2 | 13.00 ± 3.61 | [4.04, 21.96] | n/a | 1.00 ± 1.00 | n/a | n/a | 7 '
+          '| 3 |') in markdown
   # The teacher (WRN-16-2, the demo stand-in of WRN-40-2) has its own error: 11, 13, 18.
-  assert '| WRN-16-2 | WRN-10-2 | 14.00 ± 3.61 | 1.00 ± 1.00 | 14.00 ± 3.61 | 7 | 7 | 3 |' in (
-      markdown)
+  # Every seed is 1 point worse than alone: std 0, the interval is the point +1.
+  assert ('| WRN-16-2 | WRN-10-2 | 14.00 ± 3.61 | [5.04, 22.96] | +1.00 [+1.00, +1.00] | '
+          '1.00 ± 1.00 | 14.00 ± 3.61 | 7 | 7 | 3 |') in markdown
   assert 'over 3 seeds (0, 1, 2)' in markdown
   with open(tmp_path / 'report_summary.csv') as f:
     table = list(csv.DictReader(f))

@@ -68,11 +68,17 @@ def test_table_has_teacher_error_na_for_one_seed_and_says_which_epoch(tmp_path, 
 
   with caplog.at_level(logging.WARNING):
     markdown = runs.write_report(tasks, str(tmp_path), title='t')
-  assert ('| Teacher | Student | Top-1 Error | Top-5 Error | Teacher error | Teacher params '
-          '| Student params | Seeds |') in markdown
-  assert '| N/A | S | 12.00 ± 2.83 | 1.00 ± 0.00 | n/a | n/a | 700 | 2 |' in markdown
-  assert '| T | S | 9.00 ± 1.41 | 1.00 ± 0.00 | 6.00 ± 1.41 | 19,950 | 700 | 2 |' in markdown
-  assert '| U | S | 9.00 ± n/a | 1.00 ± n/a | 4.00 ± n/a | 40,000 | 700 | 1 |' in markdown
+  assert ('| Teacher | Student | Top-1 Error | Top-1 95% CI | Top-1 vs alone (95% CI) | '
+          'Top-5 Error | Teacher error | Teacher params | Student params | Seeds |') in markdown
+  # Alone: 10, 14 -> 12 ± 2.83, t(0.975, 1) = 12.706: 12 ± 12.706 * 2.83 / sqrt(2) = 12 ± 25.41.
+  assert ('| N/A | S | 12.00 ± 2.83 | [-13.41, 37.41] | n/a | 1.00 ± 0.00 | n/a | n/a | 700 | 2 |'
+          in markdown)
+  # Under T: 8, 10; per seed 8 - 10 = -2, 10 - 14 = -4: -3 ± 12.706 * 1.414 / sqrt(2).
+  assert ('| T | S | 9.00 ± 1.41 | [-3.71, 21.71] | -3.00 [-15.71, +9.71], not distinguishable '
+          'from no teacher | 1.00 ± 0.00 | 6.00 ± 1.41 | 19,950 | 700 | 2 |') in markdown
+  assert ('| U | S | 9.00 ± n/a | n/a | -1.00 (one seed, no interval) | 1.00 ± n/a | 4.00 ± n/a | '
+          '40,000 | 700 | 1 |') in markdown
+  assert runs.STATISTICS_TEXT in markdown
   assert 'after the final epoch (epoch 3), not the best epoch' in markdown
   assert 'digits test split' in markdown and 'over 1-2 seeds of 0, 1' in markdown
   # The unfinished runs are named in the report and in the log, not silently left out.
@@ -113,13 +119,18 @@ def test_per_run_csv_is_tidy_and_numeric_and_the_summary_too(tmp_path):
   u = next(r for r in summary if r['teacher'] == 'U')
   assert u['top1_std'] == '' and int(u['teacher_params']) == 40_000
   assert float(u['teacher_top1_mean']) == pytest.approx(4.0)
+  assert u['top1_ci_low'] == '' and float(u['top1_vs_alone_mean']) == pytest.approx(-1.0)
+  assert u['top1_vs_alone_seeds'] == '1' and u['distinguishable_from_alone'] == ''
+  t = next(r for r in summary if r['teacher'] == 'T')
+  assert float(t['top1_vs_alone_ci_low']) == pytest.approx(-3 - 12.7062047, abs=1e-5)
+  assert t['distinguishable_from_alone'] == 'False'
 
 
 def test_teacher_params_that_differ_by_seed_show_a_range(tmp_path):
   tasks = experiment(tmp_path)
   finish(tasks[0].path, 0.05, num_params=19_000)  # teacher T seed 0
   markdown = runs.write_report(tasks, str(tmp_path), title='t')
-  assert '| T | S | 9.00 ± 1.41 | 1.00 ± 0.00 | 6.00 ± 1.41 | 19,000–19,950 | 700 | 2 |' in markdown
+  assert '| 1.00 ± 0.00 | 6.00 ± 1.41 | 19,000–19,950 | 700 | 2 |' in markdown
 
 
 def test_display_names_are_the_networks_own_sizes():
@@ -252,3 +263,26 @@ def test_attention_figure_writes_png_pdf_and_a_tensorboard_image(tmp_path):
   (event,) = os.listdir(tmp_path / 'tb')
   assert event.endswith('.images')
   assert b'attention' in open(tmp_path / 'tb' / event, 'rb').read()
+
+
+def test_intervals_equal_scipy_t_tests():
+  # The row interval is the one-sample t interval, the paired one the paired t-test's
+  # (scipy's own code paths: ttest_1samp / ttest_rel confidence intervals).
+  from scipy import stats as scipy_stats
+  from distill_jax.experiments import statistics
+  rng = np.random.default_rng(0)
+  for n in (2, 3, 5, 10):
+    a, b = rng.normal(8, 2, n), rng.normal(9, 2, n)
+    ci = statistics.t_interval(a)
+    ref = scipy_stats.ttest_1samp(a, 0.0).confidence_interval(0.95)
+    assert (ci.low, ci.high) == pytest.approx((ref.low, ref.high), rel=1e-12)
+    assert ci.mean == pytest.approx(a.mean()) and ci.std == pytest.approx(a.std(ddof=1))
+    diff = statistics.paired_difference(dict(enumerate(a)), {**dict(enumerate(b)), 99: 0.0})
+    ref = scipy_stats.ttest_rel(a, b).confidence_interval(0.95)
+    assert diff.n == n and (diff.low, diff.high) == pytest.approx((ref.low, ref.high), rel=1e-12)
+    assert diff.excludes_zero == (ref.low > 0 or ref.high < 0)
+  assert statistics.t_interval([3.0]) == statistics.Interval(3.0, None, 1, None, None)
+  assert statistics.t_interval([]).mean is None
+  assert statistics.paired_difference({0: 1.0}, {1: 2.0}).n == 0
+  far = statistics.paired_difference({0: 5.0, 1: 5.1, 2: 4.9}, {0: 1.0, 1: 1.2, 2: 0.9})
+  assert far.excludes_zero and far.low > 3

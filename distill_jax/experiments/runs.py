@@ -28,6 +28,7 @@ import numpy as np
 
 from distill_jax import config_lib
 from distill_jax import validation
+from distill_jax.experiments import statistics
 from distill_jax.options import JobOptions
 from distill_jax.trainers import loop
 from distill_jax.trainers import train
@@ -235,11 +236,23 @@ NOT_APPLICABLE = 'n/a'
 RUN_COLUMNS = ('kind', 'teacher', 'student', 'seed', 'test_top1_error', 'test_top5_error',
                'teacher_test_top1_error', 'student_params', 'teacher_params', 'epochs',
                'workdir')
-SUMMARY_COLUMNS = ('teacher', 'student', 'seeds', 'top1_mean', 'top1_std', 'top5_mean',
-                   'top5_std', 'teacher_top1_mean', 'teacher_top1_std', 'teacher_params',
-                   'student_params')
-TABLE_HEADER = ('Teacher', 'Student', 'Top-1 Error', 'Top-5 Error', 'Teacher error',
-                'Teacher params', 'Student params', 'Seeds')
+SUMMARY_COLUMNS = ('teacher', 'student', 'seeds', 'top1_mean', 'top1_std', 'top1_ci_low',
+                   'top1_ci_high', 'top1_vs_alone_mean', 'top1_vs_alone_ci_low',
+                   'top1_vs_alone_ci_high', 'top1_vs_alone_seeds', 'distinguishable_from_alone',
+                   'top5_mean', 'top5_std', 'teacher_top1_mean', 'teacher_top1_std',
+                   'teacher_params', 'student_params')
+TABLE_HEADER = ('Teacher', 'Student', 'Top-1 Error', 'Top-1 95% CI',
+                'Top-1 vs alone (95% CI)', 'Top-5 Error', 'Teacher error', 'Teacher params',
+                'Student params', 'Seeds')
+NOT_DISTINGUISHABLE = 'not distinguishable from no teacher'
+STATISTICS_TEXT = (
+    '95% CI: mean ± t(0.975, n−1)·s/√n over the n seeds (Student\'s t). Top-1 vs alone: '
+    'the paired difference from the student trained alone with the same seeds (per seed, '
+    'this row\'s top-1 error minus the alone run\'s: same initialisation and data order), '
+    'its mean and 95% t-interval over the seeds both have; negative: the teacher helps; '
+    f'"{NOT_DISTINGUISHABLE}" when that interval contains 0. These intervals are the '
+    'uncertainty to quote: another machine gives other per-seed numbers (XLA\'s CPU code '
+    'generation differs), within the seeds\' spread.')
 # With a sweep over methods (a task has a method): a Method column after Student, in the
 # table and both CSV files.
 METHOD_COLUMN = 'method'
@@ -318,21 +331,39 @@ def _mean_std(values: Iterable[float | None]) -> tuple[float | None, float | Non
   return mean, round(float(values.std(ddof=1)), 6) if len(values) > 1 else None
 
 
+def _by_seed(group: list[dict]) -> dict[int, float]:
+  return {r['seed']: r['test_top1_error'] for r in group if r['test_top1_error'] is not None}
+
+
 def _summary_rows(per_run: list[dict]) -> list[dict]:
   groups: dict[tuple[str, str, str], list[dict]] = {}
   for r in per_run:
     if r['kind'] != 'teacher':
       groups.setdefault((r['teacher'], r['student'], r['method']), []).append(r)
+  alone: dict[str, dict[int, float]] = {}
+  for (teacher, student, _), group in groups.items():
+    if teacher == NO_TEACHER and student not in alone:
+      alone[student] = _by_seed(group)
   rows = []
   for (teacher, student, method), group in groups.items():
     top1 = _mean_std(r['test_top1_error'] for r in group)
+    ci = statistics.t_interval(_by_seed(group).values())
+    if teacher == NO_TEACHER or student not in alone:
+      diff = statistics.Interval(None, None, 0, None, None)
+    else:
+      diff = statistics.paired_difference(_by_seed(group), alone[student])
     top5 = _mean_std(r['test_top5_error'] for r in group)
     teacher_top1 = _mean_std(r['teacher_test_top1_error'] for r in group)
     params = [r['teacher_params'] for r in group if r['teacher_params'] is not None]
     rows.append({
         'teacher': teacher, 'student': student, 'method': method, 'seeds': len(group),
         'seed_list': sorted(r['seed'] for r in group),
-        'top1_mean': top1[0], 'top1_std': top1[1], 'top5_mean': top5[0], 'top5_std': top5[1],
+        'top1_mean': top1[0], 'top1_std': top1[1],
+        'top1_ci_low': _rounded(ci.low), 'top1_ci_high': _rounded(ci.high),
+        'top1_vs_alone_mean': _rounded(diff.mean), 'top1_vs_alone_ci_low': _rounded(diff.low),
+        'top1_vs_alone_ci_high': _rounded(diff.high), 'top1_vs_alone_seeds': diff.n or None,
+        'distinguishable_from_alone': diff.excludes_zero,
+        'top5_mean': top5[0], 'top5_std': top5[1],
         'teacher_top1_mean': teacher_top1[0], 'teacher_top1_std': teacher_top1[1],
         'teacher_params': int(round(float(np.mean(params)))) if params else None,
         'teacher_params_range': (min(params), max(params)) if params else None,
@@ -347,6 +378,26 @@ def report_rows(tasks: Iterable[Task]) -> list[dict]:
   parameter counts (a teacher's: its mean over seeds, and ``teacher_params_range``: a
   Fisher-grown teacher may differ by seed); ``seeds`` (how many) and ``seed_list``."""
   return _summary_rows(run_rows(tasks))
+
+
+def _rounded(x: float | None) -> float | None:
+  return None if x is None else round(float(x), 6)
+
+
+def _ci(row: dict) -> str:
+  if row['top1_ci_low'] is None:
+    return NOT_APPLICABLE
+  return f'[{row["top1_ci_low"]:.2f}, {row["top1_ci_high"]:.2f}]'
+
+
+def _vs_alone(row: dict) -> str:
+  if row['top1_vs_alone_mean'] is None:
+    return NOT_APPLICABLE
+  text = f'{row["top1_vs_alone_mean"]:+.2f}'
+  if row['top1_vs_alone_ci_low'] is None:
+    return f'{text} (one seed, no interval)'
+  text += f' [{row["top1_vs_alone_ci_low"]:+.2f}, {row["top1_vs_alone_ci_high"]:+.2f}]'
+  return text if row['distinguishable_from_alone'] else f'{text}, {NOT_DISTINGUISHABLE}'
 
 
 def _pm(mean: float | None, std: float | None) -> str:
@@ -422,7 +473,8 @@ def write_report(tasks: Sequence[Task], workdir: str, *, title: str, notes: Sequ
   rows = _summary_rows(per_run)
   datasets = sorted({(r.get('config') or {}).get('data', {}).get('name') or ''
                      for _, r in finished} - {''})
-  lines = [f'# {title}', '', _what_the_numbers_are(per_run, rows, datasets), '']
+  lines = [f'# {title}', '', _what_the_numbers_are(per_run, rows, datasets), '',
+           STATISTICS_TEXT, '']
   for note in notes:
     lines += [note, '']
   candidates = [t for t in (tasks if missing_from is None else missing_from) if t.is_run]
@@ -436,7 +488,7 @@ def write_report(tasks: Sequence[Task], workdir: str, *, title: str, notes: Sequ
   lines += ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   for r in rows:
     cells = [r['teacher'], r['student'], *([r['method'] or NOT_APPLICABLE] if method else []),
-             _pm(r['top1_mean'], r['top1_std']),
+             _pm(r['top1_mean'], r['top1_std']), _ci(r), _vs_alone(r),
              _pm(r['top5_mean'], r['top5_std']),
              _pm(r['teacher_top1_mean'], r['teacher_top1_std']), _teacher_params(r),
              f'{r["student_params"]:,}', str(r['seeds'])]
