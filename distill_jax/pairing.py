@@ -26,12 +26,14 @@ against the distilled outcome.
   temperature :math:`T`; :func:`teacher_confidence`: the teacher's mean top-1 probability
   and its expected calibration error (Guo, Pleiss, Sun & Weinberger 2017; equal-width
   bins of the top-1 probability).
+- :func:`gradient_alignment`: the cosine between the student's parameter gradients of
+  its cross-entropy and of the distillation loss with this teacher, on a batch.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -144,3 +146,47 @@ def _confidence(logits: jax.Array, labels: jax.Array, num_bins: int) -> dict:
   acc = jnp.zeros(num_bins).at[bins].add(correct)
   ece = jnp.sum(jnp.abs(acc - conf)) / logits.shape[0]
   return {'confidence': jnp.mean(top), 'ece': ece}
+
+
+def gradient_alignment(logits_fn: Callable[[Any, jax.Array], jax.Array], params: Any,
+                       images: jax.typing.ArrayLike, labels: jax.typing.ArrayLike,
+                       teacher_logits: jax.typing.ArrayLike, *, temperature: float = 4.0
+                       ) -> jax.Array:
+  r"""Cosine between the student's parameter gradients of its own loss and of the
+  distillation loss with this teacher, on one batch (no training):
+
+  .. math::
+
+    \cos\big(\nabla_\theta \mathrm{CE}(s_\theta(x), y),\;
+               \nabla_\theta T^2 \mathrm{KL}(\sigma(t/T) \| \sigma(s_\theta(x)/T))\big),
+
+  both batch means, over every leaf of ``params`` flattened into one vector. Near 1: the
+  teacher pulls the student where its labels do; near 0 or below: elsewhere.
+
+  Args:
+    logits_fn: ``(params, images) -> (N, K) logits`` of the student (e.g. a closure over
+      ``model.apply`` with its batch statistics in inference mode); static under ``jit``.
+    params: the student's trainable parameters (any pytree).
+    images: (N, ...) the batch the student reads.
+    labels: (N,) integer labels.
+    teacher_logits: (N, K) the teacher's logits on the same images.
+    temperature: the distillation temperature T.
+  """
+  return _gradient_alignment(logits_fn, params, jnp.asarray(images), jnp.asarray(labels),
+                             jnp.asarray(teacher_logits), temperature)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _gradient_alignment(logits_fn, params, images, labels, teacher_logits, temperature):
+  def ce(p):
+    return losses.cross_entropy(logits_fn(p, images), labels)
+
+  def kd(p):
+    kl = losses.soft_kl_per_example(logits_fn(p, images), teacher_logits,
+                                    temperature=temperature)
+    return temperature ** 2 * jnp.mean(kl)
+
+  flat = lambda tree: jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(tree)])
+  g_ce, g_kd = flat(jax.grad(ce)(params)), flat(jax.grad(kd)(params))
+  norm = jnp.linalg.norm(g_ce) * jnp.linalg.norm(g_kd)
+  return jnp.where(norm > 0, jnp.dot(g_ce, g_kd) / jnp.where(norm > 0, norm, 1.0), 0.0)

@@ -107,3 +107,28 @@ def test_attention_similarity_of_a_network_with_itself_and_another():
   assert float(out['attention_cka']) == pytest.approx(cka, rel=1e-4)
   with pytest.raises(ValueError, match='same number'):
     pairing.attention_similarity(points, other[:1])
+
+
+def test_gradient_alignment_of_a_softmax_regression():
+  # logits = x W: closed-form gradients X^T (softmax(XW) - Y) / N and, for T^2 KL,
+  # T X^T (softmax(XW / T) - softmax(t / T)) / N.
+  rng = np.random.default_rng(4)
+  x, w = rng.normal(size=(32, 6)), rng.normal(size=(6, 5)) * 0.5
+  labels = rng.integers(0, 5, 32)
+  t = rng.normal(size=(32, 5)) * 2
+
+  def softmax(z):
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+  temperature = 3.0
+  g_ce = x.T @ (softmax(x @ w) - np.eye(5)[labels]) / 32
+  g_kd = temperature * x.T @ (softmax(x @ w / temperature) - softmax(t / temperature)) / 32
+  ref = np.sum(g_ce * g_kd) / np.linalg.norm(g_ce) / np.linalg.norm(g_kd)
+  logits_fn = lambda params, images: images @ params['w']
+  got = pairing.gradient_alignment(logits_fn, {'w': w}, x, labels, t, temperature=temperature)
+  assert float(got) == pytest.approx(ref, rel=1e-4)
+  # A teacher whose soft labels are the labels, sharply: the two gradients align.
+  sharp = 50.0 * np.eye(5)[labels]
+  assert float(pairing.gradient_alignment(logits_fn, {'w': w}, x, labels, sharp,
+                                          temperature=1.0)) == pytest.approx(1.0, abs=1e-4)
