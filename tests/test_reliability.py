@@ -233,6 +233,15 @@ def test_a_damaged_teacher_checkpoint_is_refused(trained, tmp_path):
   with pytest.raises(teacher_lib.TeacherError) as e:
     teacher_lib.load_teacher(config.model, workdir, (1, 8, 8, 1))
   assert 'damaged' in one_line(e) or 'cannot be restored' in str(e.value)
+  assert str(e.value).startswith('teacher checkpoint ')
+  # The same loader reads a pipeline's trained student and an initialisation stage's
+  # weights: its errors name what the checkpoint is.
+  with pytest.raises(teacher_lib.TeacherError) as e:
+    teacher_lib.load_teacher(config.model, workdir, (1, 8, 8, 1), role='initialisation stage')
+  assert str(e.value).startswith('initialisation stage checkpoint ')
+  os.remove(os.path.join(workdir, loop.RESULTS_FILE))
+  with pytest.raises(teacher_lib.TeacherError, match=r'^the student run in .* has not finished'):
+    teacher_lib.load_teacher(config.model, workdir, (1, 8, 8, 1), role='student')
 
 
 # ---------------------------------------------------------------------------------------

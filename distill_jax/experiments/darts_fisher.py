@@ -217,9 +217,9 @@ class Pipeline:
     return _plain(loop.read_json(path)['model']) if os.path.exists(path) else None
 
   def student_variables(self, seed: int) -> dict:
-    teacher = teacher_lib.load_teacher(self.student_model, self.student_dir(seed),
-                                       _input_shape(self.config.run))
-    return teacher.variables
+    student = teacher_lib.load_teacher(self.student_model, self.student_dir(seed),
+                                       _input_shape(self.config.run), role='student')
+    return student.variables
 
   # Stage 2: Fisher ------------------------------------------------------------------
   def fisher_batches(self, seed: int) -> list[tuple[jax.Array, jax.Array]]:

@@ -27,12 +27,15 @@ class Teacher:
   source: str = ''
 
 
-def _checkpoint_item(path: str, *, allow_unfinished: bool = False) -> str:
+def _checkpoint_item(path: str, *, allow_unfinished: bool = False, role: str = 'teacher') -> str:
   """The orbax item folder for a run's workdir or a ``checkpoints/STEP`` folder."""
   path = os.path.abspath(os.path.expanduser(path))
   if os.path.isdir(os.path.join(path, 'default')):  # WORKDIR/checkpoints/STEP
     return os.path.join(path, 'default')
   step = ckpt_lib.latest_step(path)
+  if role != 'teacher' and (step is None or not os.path.exists(os.path.join(path, RESULTS_FILE))):
+    raise TeacherError(f'the {role} run in {path} has not finished (no {RESULTS_FILE}; latest '
+                       f'checkpoint: {"none" if step is None else f"step {step}"})')
   if step is not None and not allow_unfinished and not os.path.exists(
       os.path.join(path, RESULTS_FILE)):
     raise TeacherError(
@@ -64,26 +67,29 @@ def check_variables_match(expected: dict, found: dict, *, source: str) -> None:
 
 
 def load_teacher(model_config: dict, path: str, input_shape: tuple[int, ...], *,
-                 dtype: Any = None, allow_unfinished: bool = False) -> Teacher:
+                 dtype: Any = None, allow_unfinished: bool = False,
+                 role: str = 'teacher') -> Teacher:
   """Restores ``{'params', 'batch_stats'}`` of the run in ``path`` for ``model_config``.
 
   ``path`` is a finished run's workdir (its last checkpoint; with ``allow_unfinished``,
   the latest checkpoint of a run still training) or one ``WORKDIR/checkpoints/STEP``
   folder; the restored arrays are checked against their recorded checksums. ``input_shape`` is an NHWC shape of the data, e.g. ``(1, 32, 32, 3)``;
-  ``dtype`` the teacher's compute dtype (default float32).
+  ``dtype`` the teacher's compute dtype (default float32). ``role`` names what the
+  checkpoint is in error messages (a trained student, an initialisation stage's weights).
   """
   model = models.create_model(**model_config, **({'dtype': dtype} if dtype is not None else {}))
-  item = _checkpoint_item(path, allow_unfinished=allow_unfinished)
+  item = _checkpoint_item(path, allow_unfinished=allow_unfinished, role=role)
   try:
     restored = ckpt_lib.restore_local(item)
   except Exception as e:  # truncated or deleted files: orbax and tensorstore errors
-    raise TeacherError(f'teacher checkpoint {item} cannot be restored: '
+    raise TeacherError(f'{role} checkpoint {item} cannot be restored: '
                        f'{ckpt_lib.one_line(e)}') from None
   problem = ckpt_lib.verify_item(item, restored)
   if problem:
-    raise TeacherError(f'teacher checkpoint {item} is damaged: {problem}')
+    raise TeacherError(f'{role} checkpoint {item} is damaged: {problem}')
   variables = {'params': restored['params'], 'batch_stats': restored.get('batch_stats', {})}
+  which = ' (distill.teacher_model)' if role == 'teacher' else ''
   check_variables_match(models.param_shapes(model, input_shape), variables,
-                        source=f'teacher checkpoint {item} (distill.teacher_model)')
+                        source=f'{role} checkpoint {item}{which}')
   variables = jax.tree.map(np.asarray, variables)
   return Teacher(model=model, variables=variables, source=item)

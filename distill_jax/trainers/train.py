@@ -341,7 +341,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     init_dir = os.path.join(workdir, INIT_SUBDIR)
     train_and_evaluate(init_stage_config(config), init_dir, teacher=teacher, stage='init')
     shape = (1, *data_lib.dataset_info(config.data.name, config.data.data_dir or None)[1])
-    initial_variables = teacher_lib.load_teacher(config.model, init_dir, shape).variables
+    initial_variables = teacher_lib.load_teacher(config.model, init_dir, shape,
+                                                 role='initialisation stage').variables
     logging.info('Initialisation stage done in %s; training from its weights.', init_dir)
   return train_and_evaluate(config, workdir, teacher=teacher,
                             initial_variables=initial_variables)
