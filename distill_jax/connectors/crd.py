@@ -143,21 +143,27 @@ def sample_negatives(
   n, b = classes.shape[0], labels.shape[0]
   key_draw, key_perm = jax.random.split(key)
 
-  order = jnp.argsort(classes, stable=True)
-  sorted_classes = classes[order]
-  lo = jnp.searchsorted(sorted_classes, labels, side='left')
-  hi = jnp.searchsorted(sorted_classes, labels, side='right')
-  num_negatives = n - (hi - lo)
-  offset = jax.random.randint(key_draw, (b, nce_k), 0,
-                              jnp.maximum(num_negatives, 1)[:, None])
-  slot = jnp.where(offset < lo[:, None], offset, offset + (hi - lo)[:, None])
-  negatives = order[jnp.minimum(slot, n - 1)]
+  def with_replacement_draw():
+    order = jnp.argsort(classes, stable=True)
+    sorted_classes = classes[order]
+    lo = jnp.searchsorted(sorted_classes, labels, side='left')
+    hi = jnp.searchsorted(sorted_classes, labels, side='right')
+    offset = jax.random.randint(key_draw, (b, nce_k), 0,
+                                jnp.maximum(n - (hi - lo), 1)[:, None])
+    slot = jnp.where(offset < lo[:, None], offset, offset + (hi - lo)[:, None])
+    return order[jnp.minimum(slot, n - 1)]
 
-  if not with_replacement and nce_k <= n:
-    keys = jax.random.uniform(key_perm, (b, n))
+  if with_replacement or nce_k > n:
+    negatives = with_replacement_draw()
+  else:
     same = classes[None, :] == labels[:, None]
+    enough = n - jnp.sum(same, axis=1) >= nce_k
+    keys = jax.random.uniform(key_perm, (b, n))
     _, subset = jax.lax.top_k(jnp.where(same, -1.0, keys), nce_k)
-    negatives = jnp.where((num_negatives >= nce_k)[:, None], subset, negatives)
+    # The sort of the with-replacement fallback runs only when some row needs it.
+    negatives = jax.lax.cond(
+        jnp.all(enough), lambda: subset,
+        lambda: jnp.where(enough[:, None], subset, with_replacement_draw()))
   return jnp.concatenate([indices.astype(jnp.int32)[:, None],
                           negatives.astype(jnp.int32)], axis=1)
 
